@@ -1,0 +1,1 @@
+//! FAT32 EFI System Partition writer (and reader helpers for `inspect`).

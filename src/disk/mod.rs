@@ -1,0 +1,5 @@
+//! Disk image writers: the GPT container and the two filesystems inside it.
+
+pub mod esp;
+pub mod gpt;
+pub mod rootfs;

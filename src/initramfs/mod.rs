@@ -1,0 +1,1 @@
+//! Initramfs: newc cpio, reading the Talos initramfs, building our own.

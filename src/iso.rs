@@ -1,0 +1,1 @@
+//! ISO9660 + Rock Ridge reader for Talos ISOs.
