@@ -1,1 +1,569 @@
-//! builder
+//! `mkappliance build`: Talos ISO + machine config → appliance disk image.
+//!
+//! The pipeline is: check inputs → read the ISO → pick kernel modules → build our
+//! initramfs → render the config views → lay out both filesystem trees → write the GPT
+//! disk under a temporary name → hash → rename. Nothing is left behind on failure.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::cmdline::BuildArgs;
+use crate::config::{self, ApplianceConfig, BootFiles, Ipv4Cidr, Mac, Network};
+use crate::disk::{esp, gpt, rootfs};
+use crate::initramfs::{self, modules};
+use crate::iso::Iso;
+use crate::layout::{self, ALIGN, SECTOR};
+use crate::render::{self, Renderer};
+use crate::tree::{Content, FileTree, DIR_MODE, FILE_MODE};
+use crate::util::{self, AtomicFile};
+
+pub const IMAGE_NAME: &str = "bootstrap-pxe.raw";
+/// Where distributions install iPXE for x86-64 UEFI, in the order we look.
+pub const IPXE_SEARCH: &[&str] = &[
+    "/usr/lib/ipxe/ipxe.efi",
+    "/usr/share/ipxe/ipxe.efi",
+    "/usr/share/ipxe/ipxe-x86_64.efi",
+    "/usr/share/ipxe/ipxe-snponly-x86_64.efi",
+];
+const ISO_KERNEL: &str = "/boot/vmlinuz";
+const ISO_INITRAMFS: &str = "/boot/initramfs.xz";
+const ISO_BOOTLOADER: &str = "/EFI/BOOT/BOOTX64.EFI";
+/// Spare room in the ESP (kernel updates, firmware scratch).
+const ESP_HEADROOM: u64 = 4 << 20;
+/// Spare room in the rootfs for the appliance's state and logs.
+const ROOT_HEADROOM: u64 = 24 << 20;
+const ROOT_SPARE_INODES: u32 = 1024;
+/// Lease handed to the node, as the original appliance did (12 h).
+const LEASE_SECS: u32 = 12 * 3600;
+/// zstd level for our initramfs: the init binary dominates; higher levels cost time.
+const INITRAMFS_ZSTD_LEVEL: i32 = 9;
+
+/// What a build produced, printed as the summary (or JSON with `--json`).
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub image: PathBuf,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+    pub talos_version: String,
+    pub bootstrap_version: String,
+    pub minipc_mac: String,
+    pub minipc_ip: String,
+    pub appliance_ip: String,
+    pub config_url: String,
+    pub talosconfig_served: bool,
+    pub boot_once: bool,
+    pub kernel_modules: Vec<String>,
+    pub seconds: f64,
+}
+
+fn parse_mac(flag: &str, v: &str) -> Result<Mac> {
+    v.parse().with_context(|| format!("invalid {flag}"))
+}
+
+/// Turn the command line into a validated appliance config (no file access).
+pub fn config_from_args(args: &BuildArgs, boot_files: BootFiles) -> Result<ApplianceConfig> {
+    config::check_talos_version(&args.talos_version)?;
+    config::check_path_component("bootstrap version", &args.bootstrap_version)?;
+    let minipc_mac = parse_mac("MINIPC_MAC", &args.minipc_mac)?;
+    let appliance: Ipv4Cidr = args.appliance_ip.parse().context("invalid --appliance-ip")?;
+    let minipc_ip = args
+        .minipc_ip
+        .parse()
+        .with_context(|| format!("invalid --minipc-ip {:?}: expected an IPv4 address", args.minipc_ip))?;
+    let network = Network {
+        appliance,
+        minipc_ip,
+        dhcp_range: config::parse_dhcp_range(&args.dhcp_range)?,
+        lease_secs: LEASE_SECS,
+        internal_mac: args.internal_mac.as_deref().map(|m| parse_mac("--internal-mac", m)).transpose()?,
+        uplink_mac: args.uplink_mac.as_deref().map(|m| parse_mac("--uplink-mac", m)).transpose()?,
+    };
+    let cfg = ApplianceConfig {
+        schema: config::CONFIG_SCHEMA,
+        talos_version: args.talos_version.clone(),
+        bootstrap_version: args.bootstrap_version.clone(),
+        minipc_mac,
+        talos_kernel_args: ApplianceConfig::default_kernel_args(
+            appliance.addr,
+            args.extra_kernel_args.as_deref(),
+        ),
+        network,
+        boot_files,
+        serve_talosconfig: args.talosconfig.is_some(),
+        boot_once: !args.pxe_every_boot,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn require_file(path: &Path, what: &str, hint: &str) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => bail!("{what} {} is not a regular file", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{what} not found at {}: {hint}", path.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {what} {}", path.display())),
+    }
+}
+
+/// The input files of a build, all checked to exist.
+struct Inputs {
+    iso: PathBuf,
+    ipxe: PathBuf,
+    init: PathBuf,
+}
+
+fn resolve_inputs(args: &BuildArgs) -> Result<Inputs> {
+    let iso = args.iso.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("artifacts/talos/{}/metal-amd64.iso", args.talos_version))
+    });
+    require_file(
+        &iso,
+        "Talos ISO",
+        &format!(
+            "download https://github.com/siderolabs/talos/releases/download/{}/metal-amd64.iso there, or pass --iso PATH",
+            args.talos_version
+        ),
+    )?;
+    require_file(
+        &args.config,
+        "machine config",
+        "generate one with `talosctl gen config`, or pass --config PATH",
+    )?;
+    if let Some(t) = &args.talosconfig {
+        require_file(t, "talosconfig", "check the --talosconfig path")?;
+    }
+    let ipxe = match &args.ipxe {
+        Some(p) => p.clone(),
+        None => IPXE_SEARCH
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .with_context(|| {
+                format!(
+                    "no iPXE found (looked in {}): install your distribution's ipxe package or pass --ipxe PATH",
+                    IPXE_SEARCH.join(", ")
+                )
+            })?,
+    };
+    require_file(&ipxe, "iPXE binary", "pass --ipxe PATH")?;
+    for p in [&args.ipxe_bios, &args.ipxe_arm64, &args.bootloader].into_iter().flatten() {
+        require_file(p, "boot file", "check the path")?;
+    }
+    let init = match &args.init_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("locating the mkappliance binary for /init")?,
+    };
+    require_file(&init, "init binary", "pass --init-binary PATH")?;
+    for o in &args.overlay {
+        if !o.is_dir() {
+            bail!("overlay {} is not a directory", o.display());
+        }
+    }
+    Ok(Inputs { iso, ipxe, init })
+}
+
+/// Read systemd-boot from the ISO tree, or else from the ISO's UEFI boot image.
+fn bootloader_from_iso(iso: &Iso, iso_path: &Path) -> Result<Content> {
+    if let Some(e) = iso.lookup(ISO_BOOTLOADER)? {
+        let (offset, len) = iso.data_range(&e)?;
+        return Ok(Content::Range {
+            path: iso_path.to_path_buf(),
+            offset,
+            len,
+        });
+    }
+    let (offset, len) = iso.efi_boot_image()?.with_context(|| {
+        format!("the ISO has neither {ISO_BOOTLOADER} nor a UEFI boot image: pass --bootloader PATH")
+    })?;
+    let file = std::fs::File::open(iso_path)?;
+    let fat = esp::FatImage::open(esp::Slice::new(file, offset, len)?)
+        .context("reading the ISO's UEFI boot image")?;
+    let data = fat.read(ISO_BOOTLOADER)?.with_context(|| {
+        format!("the ISO's UEFI boot image has no {ISO_BOOTLOADER}: pass --bootloader PATH")
+    })?;
+    Ok(Content::bytes(data))
+}
+
+/// Feed everything that determines the image into a hash, for GUIDs and serials.
+/// Paths are left out on purpose: the checkout location must not change the image.
+fn identity_hash(cfg_toml: &str, trees: &[&FileTree], iso_pvd: &[u8]) -> Result<[u8; 32]> {
+    let mut h = Sha256::new();
+    h.update(cfg_toml.as_bytes());
+    h.update(iso_pvd);
+    for tree in trees {
+        for (path, entry) in tree.iter() {
+            h.update(path.as_bytes());
+            h.update(entry.mode.to_le_bytes());
+            match &entry.kind {
+                crate::tree::Kind::Dir => h.update(b"d"),
+                crate::tree::Kind::Symlink(t) => h.update(t.as_bytes()),
+                crate::tree::Kind::File(Content::Range { offset, len, .. }) => {
+                    // Inside the ISO, whose descriptor is hashed already.
+                    h.update(offset.to_le_bytes());
+                    h.update(len.to_le_bytes());
+                }
+                crate::tree::Kind::File(c) => {
+                    h.update(c.len().to_le_bytes());
+                    let mut r = c.open()?;
+                    std::io::copy(&mut r, &mut h).context("hashing build inputs")?;
+                }
+            }
+        }
+    }
+    Ok(h.finalize().into())
+}
+
+fn derive(seed: &[u8; 32], what: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(seed);
+    h.update(what.as_bytes());
+    h.finalize().into()
+}
+
+/// Progress on stderr: one spinner line per step (hidden with --quiet/--json or no TTY).
+struct Steps {
+    bar: indicatif::ProgressBar,
+    start: Instant,
+}
+
+impl Steps {
+    fn new(hidden: bool) -> Steps {
+        let bar = if hidden {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                    .expect("static template"),
+            );
+            b.enable_steady_tick(std::time::Duration::from_millis(100));
+            b
+        };
+        Steps {
+            bar,
+            start: Instant::now(),
+        }
+    }
+    fn step(&self, msg: &str) {
+        self.bar.set_message(msg.to_string());
+    }
+    fn done(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+pub fn build(args: &BuildArgs) -> Result<Summary> {
+    let steps = Steps::new(args.quiet || args.json);
+    let epoch = util::source_date_epoch()?;
+    let inputs = resolve_inputs(args)?;
+    let boot_files = BootFiles {
+        ipxe_efi: "ipxe.efi".into(),
+        ipxe_bios: args.ipxe_bios.as_ref().map(|_| "undionly.kpxe".into()),
+        ipxe_arm64: args.ipxe_arm64.as_ref().map(|_| "ipxe-arm64.efi".into()),
+    };
+    let cfg = config_from_args(args, boot_files)?;
+    let out_dir = args
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("artifacts/bootstrap/{}", args.bootstrap_version)));
+
+    steps.step("reading the Talos ISO");
+    let iso = Iso::open(&inputs.iso).with_context(|| format!("reading Talos ISO {}", inputs.iso.display()))?;
+    let want_vol = config::talos_volume_id(&cfg.talos_version);
+    if iso.volume_id() != want_vol {
+        bail!(
+            "{} is not the Talos {} ISO (volume ID {:?}, expected {want_vol:?}): pass the matching --iso or version",
+            inputs.iso.display(),
+            cfg.talos_version,
+            iso.volume_id()
+        );
+    }
+    let iso_file = |p: &str| -> Result<Content> {
+        let e = iso.lookup(p)?.with_context(|| {
+            format!("{} has no {p}: is it a Talos metal ISO?", inputs.iso.display())
+        })?;
+        let (offset, len) = iso.data_range(&e)?;
+        Ok(Content::Range {
+            path: inputs.iso.clone(),
+            offset,
+            len,
+        })
+    };
+    let kernel = iso_file(ISO_KERNEL)?;
+    let talos_initramfs = iso_file(ISO_INITRAMFS)?;
+    let bootloader = match &args.bootloader {
+        Some(p) => Content::path(p)?,
+        None => bootloader_from_iso(&iso, &inputs.iso)?,
+    };
+
+    steps.step("picking kernel modules from the Talos initramfs");
+    let sqsh = initramfs::talos::extract_rootfs_sqsh(
+        initramfs::talos::decompress(Box::new(talos_initramfs.open()?.take(talos_initramfs.len())))
+            .context("reading the Talos initramfs")?,
+    )
+    .context("reading the Talos initramfs")?;
+    let mods = modules::select_modules(sqsh, modules::APPLIANCE_MODULES)
+        .context("selecting kernel modules from the Talos rootfs")?;
+
+    steps.step("building the appliance initramfs");
+    let mut appliance_img = Vec::new();
+    initramfs::write_appliance_initramfs(
+        &initramfs::InitramfsSpec {
+            init: &inputs.init,
+            modules: &mods,
+            mtime: epoch,
+            zstd_level: INITRAMFS_ZSTD_LEVEL,
+        },
+        &mut appliance_img,
+    )
+    .context("building the appliance initramfs")?;
+
+    steps.step("rendering the appliance config");
+    let machine_config = std::fs::read(&args.config)
+        .with_context(|| format!("reading machine config {}", args.config.display()))?;
+    let talosconfig = match &args.talosconfig {
+        Some(p) => {
+            eprintln!(
+                "warning: serving the talosconfig (cluster admin credential) at /configs/talosconfig to {}",
+                cfg.network.minipc_ip
+            );
+            Some(std::fs::read(p).with_context(|| format!("reading talosconfig {}", p.display()))?)
+        }
+        None => None,
+    };
+    let renderer = Renderer::new(args.templates.as_deref())?;
+    let cfg_toml = cfg.to_toml()?;
+
+    // The rootfs tree, in the layout DESIGN.md declares.
+    let mut root = FileTree::new();
+    root.add_file(layout::TFTP_IPXE, Content::path(&inputs.ipxe)?, FILE_MODE)?;
+    if let Some(p) = &args.ipxe_bios {
+        root.add_file(layout::TFTP_IPXE_BIOS, Content::path(p)?, FILE_MODE)?;
+    }
+    if let Some(p) = &args.ipxe_arm64 {
+        root.add_file(layout::TFTP_IPXE_ARM64, Content::path(p)?, FILE_MODE)?;
+    }
+    root.add_file(&layout::http_kernel(&cfg.talos_version), kernel.clone(), FILE_MODE)?;
+    root.add_file(&layout::http_initramfs(&cfg.talos_version), talos_initramfs, FILE_MODE)?;
+    root.add_dir(&format!("{}/configs", layout::HTTP_ROOT), 0o750)?;
+    root.add_file(layout::HTTP_CONFIG, Content::bytes(machine_config), 0o640)?;
+    if let Some(t) = talosconfig {
+        root.add_file(layout::HTTP_TALOSCONFIG, Content::bytes(t), 0o640)?;
+    }
+    root.add_file(
+        layout::HTTP_BOOT_IPXE,
+        Content::bytes(renderer.render(render::BOOT_IPXE, &cfg, "")?),
+        FILE_MODE,
+    )?;
+    root.add_file(layout::DNSMASQ_CONF, Content::bytes(renderer.render(render::DNSMASQ_CONF, &cfg, "")?), FILE_MODE)?;
+    root.add_file(layout::NGINX_CONF, Content::bytes(renderer.render(render::NGINX_CONF, &cfg, "")?), FILE_MODE)?;
+    root.add_file(layout::APPLIANCE_TOML, Content::bytes(cfg_toml.clone()), FILE_MODE)?;
+    root.add_dir(layout::STATE_DIR, DIR_MODE)?;
+    root.add_dir(layout::LOG_DIR, DIR_MODE)?;
+    for o in &args.overlay {
+        root.add_host_dir(o, "")
+            .with_context(|| format!("adding overlay {}", o.display()))?;
+    }
+
+    // The ESP tree; the loader entry names the root partition, whose GUID comes from the
+    // hash of everything else.
+    let mut esp_tree = FileTree::new();
+    esp_tree.add_file(layout::ESP_BOOTLOADER, bootloader, FILE_MODE)?;
+    esp_tree.add_file(layout::ESP_KERNEL, kernel, FILE_MODE)?;
+    esp_tree.add_file(layout::ESP_INITRAMFS, Content::bytes(appliance_img), FILE_MODE)?;
+    esp_tree.add_file(
+        layout::ESP_LOADER_CONF,
+        Content::bytes(renderer.render(render::LOADER_CONF, &cfg, "")?),
+        FILE_MODE,
+    )?;
+
+    let mut pvd = vec![0u8; 2048];
+    {
+        let mut f = std::fs::File::open(&inputs.iso)?;
+        f.seek(SeekFrom::Start(16 * 2048))?;
+        f.read_exact(&mut pvd).context("reading the ISO volume descriptor")?;
+    }
+    let seed = identity_hash(&cfg_toml, &[&root, &esp_tree], &pvd)?;
+    let disk_guid = gpt::Guid::from_hash(&derive(&seed, "disk"));
+    let esp_guid = gpt::Guid::from_hash(&derive(&seed, "esp"));
+    let root_guid = gpt::Guid::from_hash(&derive(&seed, "root"));
+    let appliance_args = format!(
+        "console=tty0 console=ttyS0,115200 {}=PARTUUID={root_guid}",
+        layout::ROOT_PARAM
+    );
+    esp_tree.add_file(
+        layout::ESP_ENTRY,
+        Content::bytes(renderer.render(render::LOADER_ENTRY, &cfg, &appliance_args)?),
+        FILE_MODE,
+    )?;
+
+    // Lay out the disk: 1 MiB of GPT, the ESP, the rootfs, 1 MiB for the backup GPT.
+    let esp_size = util::round_up(esp::min_size(&esp_tree, ESP_HEADROOM), ALIGN);
+    let root_size = util::round_up(rootfs::min_size(&root, ROOT_HEADROOM, ROOT_SPARE_INODES), ALIGN);
+    let esp_off = ALIGN;
+    let root_off = esp_off + esp_size;
+    let total = root_off + root_size + ALIGN;
+    let table = gpt::Table {
+        disk_guid,
+        partitions: vec![
+            gpt::Partition {
+                type_guid: gpt::Guid::parse(layout::ESP_TYPE_GUID)?,
+                unique_guid: esp_guid,
+                first_lba: esp_off / SECTOR,
+                last_lba: (esp_off + esp_size) / SECTOR - 1,
+                name: layout::ESP_PART_NAME.into(),
+            },
+            gpt::Partition {
+                type_guid: gpt::Guid::parse(layout::ROOT_TYPE_GUID)?,
+                unique_guid: root_guid,
+                first_lba: root_off / SECTOR,
+                last_lba: (root_off + root_size) / SECTOR - 1,
+                name: layout::ROOT_PART_NAME.into(),
+            },
+        ],
+    };
+
+    steps.step("writing the disk image");
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("creating output directory {}", out_dir.display()))?;
+    let dest = out_dir.join(IMAGE_NAME);
+    let out = AtomicFile::create(&dest)?;
+    let file = out.file();
+    file.set_len(total)
+        .with_context(|| format!("sizing {} to {total} bytes", dest.display()))?;
+    gpt::write(file, total, &table)?;
+    let fat_seed = derive(&seed, "fat");
+    esp::write(
+        file,
+        esp_off,
+        esp_size,
+        &esp_tree,
+        &esp::FatParams {
+            volume_id: u32::from_le_bytes([fat_seed[0], fat_seed[1], fat_seed[2], fat_seed[3]]),
+            label: layout::ESP_LABEL.into(),
+            timestamp: epoch as i64,
+        },
+    )
+    .context("writing the ESP")?;
+    let ext_uuid = derive(&seed, "ext4-uuid");
+    let ext_hash = derive(&seed, "ext4-hash-seed");
+    rootfs::write(
+        file,
+        root_off,
+        root_size,
+        &root,
+        &rootfs::Ext4Params {
+            uuid: gpt::Guid::from_hash(&ext_uuid).0,
+            hash_seed: gpt::Guid::from_hash(&ext_hash).0,
+            timestamp: epoch,
+            label: layout::ROOT_LABEL.into(),
+        },
+    )
+    .context("writing the rootfs")?;
+
+    steps.step("hashing the image");
+    let sha256 = hash_sparse(file, total)?;
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata()?.blocks() * 512
+    };
+    out.commit()?;
+    util::write_atomic(
+        &out_dir.join(format!("{IMAGE_NAME}.sha256")),
+        format!("{sha256}  {IMAGE_NAME}\n").as_bytes(),
+    )?;
+    steps.done();
+
+    let summary = Summary {
+        image: dest,
+        sha256,
+        size_bytes: total,
+        allocated_bytes: allocated,
+        talos_version: cfg.talos_version.clone(),
+        bootstrap_version: cfg.bootstrap_version.clone(),
+        minipc_mac: cfg.minipc_mac.to_string(),
+        minipc_ip: cfg.network.minipc_ip.to_string(),
+        appliance_ip: cfg.network.appliance.to_string(),
+        config_url: cfg.config_url(),
+        talosconfig_served: cfg.serve_talosconfig,
+        boot_once: cfg.boot_once,
+        kernel_modules: mods.modules.iter().map(|m| m.name.clone()).collect(),
+        seconds: steps.start.elapsed().as_secs_f64(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else if !args.quiet {
+        print_summary(&summary, &cfg);
+    }
+    Ok(summary)
+}
+
+/// SHA-256 of the whole image, skipping the read of holes (they hash as zeros).
+fn hash_sparse(file: &std::fs::File, total: u64) -> Result<String> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    const CHUNK: usize = 1 << 20;
+    let zeros = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; CHUNK];
+    let mut h = Sha256::new();
+    let fd = file.as_raw_fd();
+    let mut pos = 0u64;
+    while pos < total {
+        // SAFETY: lseek on a valid fd; SEEK_DATA finds the next non-hole byte.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        let data = if data < 0 { total } else { data as u64 };
+        while pos < data.min(total) {
+            let n = ((data - pos) as usize).min(CHUNK);
+            h.update(&zeros[..n]);
+            pos += n as u64;
+        }
+        if pos >= total {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { total } else { (hole as u64).min(total) };
+        while pos < hole {
+            let n = ((hole - pos) as usize).min(CHUNK);
+            file.read_exact_at(&mut buf[..n], pos).context("reading the image back to hash it")?;
+            h.update(&buf[..n]);
+            pos += n as u64;
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn print_summary(s: &Summary, cfg: &ApplianceConfig) {
+    println!("Built {} in {:.2} s", s.image.display(), s.seconds);
+    println!(
+        "  size      {} ({} allocated)",
+        util::human_size(s.size_bytes),
+        util::human_size(s.allocated_bytes)
+    );
+    println!("  sha256    {}", s.sha256);
+    println!("  Talos     {} (bootstrap {})", s.talos_version, s.bootstrap_version);
+    println!("  appliance {} on the PXE link", s.appliance_ip);
+    println!("The node {} will get:", s.minipc_mac);
+    println!("  DHCP      {} (router and DNS {})", s.minipc_ip, cfg.appliance_ip());
+    println!("  TFTP      {} (UEFI), then http://{}/boot.ipxe", cfg.boot_files.ipxe_efi, cfg.appliance_ip());
+    println!("  config    {}", s.config_url);
+    if s.talosconfig_served {
+        println!("  also      {}/configs/talosconfig (admin credential!)", cfg.http_base());
+    }
+    println!(
+        "  then      {}",
+        if s.boot_once {
+            "boots from its own disk once it has its config (boot-once)"
+        } else {
+            "PXE-installs on every boot (--pxe-every-boot)"
+        }
+    );
+}

@@ -1,1 +1,123 @@
-//! cmdline
+//! Command-line interface: one struct per subcommand, dispatched by `main.rs`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mkappliance",
+    version,
+    about = "Build a bootable UEFI PXE appliance disk that installs Talos Linux on one machine",
+    long_about = "Build a bootable UEFI PXE appliance disk that installs Talos Linux on one machine.\n\n\
+        `mkappliance build` turns a Talos ISO and a machine config into a small GPT disk image \
+        (FAT32 ESP + ext4 rootfs). Import it into Synology VMM, Proxmox or libvirt on a link to \
+        the bare-metal node: booted, it serves that node DHCP, iPXE over TFTP and the Talos \
+        kernel, initramfs and machine config over HTTP.\n\n\
+        Inside the appliance this same binary runs as /init."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build the appliance disk image from a Talos ISO and a machine config
+    Build(BuildArgs),
+    /// Read a built image back (no root needed) and check it is a valid appliance
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_long_help = "EXAMPLE:\n    \
+    mkappliance build v1.11.6 2025-12-17 00:11:22:33:44:55\n\n\
+    reads artifacts/talos/v1.11.6/metal-amd64.iso and config/controlplane.yaml and writes\n\
+    artifacts/bootstrap/2025-12-17/bootstrap-pxe.raw (mode 0600: it holds cluster secrets).\n\n\
+    Set SOURCE_DATE_EPOCH for reproducible timestamps; the same inputs give the same bytes.")]
+pub struct BuildArgs {
+    /// Talos release the node installs, e.g. v1.11.6 (must match the ISO)
+    pub talos_version: String,
+    /// Name of this appliance build, e.g. a date like 2025-12-17 (names the output dir)
+    pub bootstrap_version: String,
+    /// MAC address of the node to install (the only machine the appliance serves)
+    pub minipc_mac: String,
+
+    /// Talos ISO [default: artifacts/talos/<TALOS_VERSION>/metal-amd64.iso]
+    #[arg(long, value_name = "PATH")]
+    pub iso: Option<PathBuf>,
+    /// Talos machine config for the node (controlplane.yaml or worker.yaml)
+    #[arg(long, value_name = "PATH", default_value = "config/controlplane.yaml")]
+    pub config: PathBuf,
+    /// Also serve this talosconfig at /configs/talosconfig. Opt-in: it is the cluster's
+    /// admin credential and the node never needs it
+    #[arg(long, value_name = "PATH")]
+    pub talosconfig: Option<PathBuf>,
+    /// iPXE for x86-64 UEFI clients [default: the first of /usr/lib/ipxe/ipxe.efi,
+    /// /usr/share/ipxe/ipxe.efi, /usr/share/ipxe/ipxe-x86_64.efi]. Use snponly.efi for NICs
+    /// iPXE has no driver for (it drives the NIC through the firmware's own UNDI/SNP)
+    #[arg(long, value_name = "PATH")]
+    pub ipxe: Option<PathBuf>,
+    /// iPXE for legacy BIOS clients (undionly.kpxe); BIOS clients are not served without it
+    #[arg(long, value_name = "PATH")]
+    pub ipxe_bios: Option<PathBuf>,
+    /// iPXE for ARM64 UEFI clients; ARM64 clients are not served without it
+    #[arg(long, value_name = "PATH")]
+    pub ipxe_arm64: Option<PathBuf>,
+    /// Static x86-64 Linux binary to use as the appliance's /init instead of this
+    /// mkappliance (needed when building on macOS or arm64)
+    #[arg(long, value_name = "PATH")]
+    pub init_binary: Option<PathBuf>,
+    /// UEFI boot loader for the appliance [default: systemd-boot from the ISO]
+    #[arg(long, value_name = "PATH")]
+    pub bootloader: Option<PathBuf>,
+    /// Output directory [default: artifacts/bootstrap/<BOOTSTRAP_VERSION>]
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Directory whose files override the embedded templates of the same name
+    /// (boot.ipxe.j2, dnsmasq.conf.j2, nginx.conf.j2, loader.conf.j2, appliance.conf.j2)
+    #[arg(long, value_name = "DIR")]
+    pub templates: Option<PathBuf>,
+    /// Directory tree copied into the appliance rootfs last (repeatable; later wins)
+    #[arg(long, value_name = "DIR")]
+    pub overlay: Vec<PathBuf>,
+
+    /// Appliance address and prefix on the PXE link
+    #[arg(long, value_name = "CIDR", default_value = "10.10.10.2/24")]
+    pub appliance_ip: String,
+    /// Address the node gets
+    #[arg(long, value_name = "IP", default_value = "10.10.10.100")]
+    pub minipc_ip: String,
+    /// DHCP range rendered into dnsmasq.conf (only the pinned MAC is served)
+    #[arg(long, value_name = "FIRST,LAST", default_value = "10.10.10.50,10.10.10.60")]
+    pub dhcp_range: String,
+    /// MAC of the appliance VM's NIC on the PXE link [default: the first NIC]
+    #[arg(long, value_name = "MAC")]
+    pub internal_mac: Option<String>,
+    /// MAC of the appliance VM's uplink NIC [default: the other NIC]
+    #[arg(long, value_name = "MAC")]
+    pub uplink_mac: Option<String>,
+    /// Extra kernel arguments for the Talos node (appended to the Talos PXE defaults)
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub extra_kernel_args: Option<String>,
+    /// Keep PXE-installing on every boot instead of exiting to the local disk once the
+    /// node has fetched its config
+    #[arg(long)]
+    pub pxe_every_boot: bool,
+
+    /// Print the summary as JSON on stdout (for CI)
+    #[arg(long)]
+    pub json: bool,
+    /// No progress output
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Appliance disk image (.raw)
+    pub image: PathBuf,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}

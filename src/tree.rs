@@ -20,6 +20,8 @@ pub enum Content {
     Bytes(Arc<Vec<u8>>),
     /// A file on disk, streamed when the image is written; `len` is checked then.
     Path { path: PathBuf, len: u64 },
+    /// A byte range of a file on disk (a file inside an ISO, streamed without copying).
+    Range { path: PathBuf, offset: u64, len: u64 },
 }
 
 impl Content {
@@ -39,7 +41,7 @@ impl Content {
     pub fn len(&self) -> u64 {
         match self {
             Content::Bytes(b) => b.len() as u64,
-            Content::Path { len, .. } => *len,
+            Content::Path { len, .. } | Content::Range { len, .. } => *len,
         }
     }
 
@@ -54,6 +56,14 @@ impl Content {
             Content::Path { path, .. } => {
                 let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
                 Ok(Box::new(f))
+            }
+            Content::Range { path, offset, len } => {
+                use std::io::{Seek, SeekFrom};
+                let mut f =
+                    File::open(path).with_context(|| format!("opening {}", path.display()))?;
+                f.seek(SeekFrom::Start(*offset))
+                    .with_context(|| format!("seeking in {}", path.display()))?;
+                Ok(Box::new(f.take(*len)))
             }
         }
     }
