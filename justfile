@@ -1,0 +1,56 @@
+# mkappliance tasks. `just test` is what CI runs (.ci/run); `just demo` shows it working.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Debian packages the tests and the demo use (real tools judge our images).
+apt_packages := "xorriso mtools dosfstools e2fsprogs gdisk qemu-system-x86 ovmf ipxe systemd-boot-efi squashfs-tools kmod zstd cpio dnsmasq-base nginx curl busybox age"
+target := "target/x86_64-unknown-linux-gnu"
+fixtures := env_var_or_default("MKAPPLIANCE_FIXTURE_CACHE", justfile_directory() / ".fixtures")
+
+default:
+    @just --list
+
+# Install the Debian packages the tests need (skips what is installed)
+deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=()
+    for p in {{apt_packages}}; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+        echo "installing: ${missing[*]}"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+
+# Run the whole test suite (what CI runs)
+test: deps
+    cargo test --locked --no-fail-fast -- --test-threads=2
+
+# Lints CI-quality code must pass
+lint:
+    cargo fmt --check
+    cargo clippy --locked --all-targets -- -D warnings
+
+# Build the Talos-shaped fixture ISO (Debian cloud kernel, real xorriso) into .fixtures/
+fixture-iso: deps
+    tests/fixtures/make-talos-iso.sh {{fixtures}}/talos-fixture.iso
+
+# Build an appliance from examples/ and the fixture ISO, then boot it in QEMU (Ctrl-A X quits)
+demo: deps fixture-iso
+    cargo build --locked
+    rm -rf {{fixtures}}/demo
+    {{target}}/debug/mkappliance build v1.11.6 demo 00:11:22:33:44:55 \
+        --iso {{fixtures}}/talos-fixture.iso \
+        --config examples/controlplane.yaml \
+        --out-dir {{fixtures}}/demo
+    {{target}}/debug/mkappliance inspect {{fixtures}}/demo/bootstrap-pxe.raw
+    cp /usr/share/OVMF/OVMF_VARS_4M.fd {{fixtures}}/demo/vars.fd
+    @echo "Booting the appliance under QEMU (TCG). Press Ctrl-A then X to quit."
+    qemu-system-x86_64 -accel tcg -machine q35 -m 512 -nographic -no-reboot \
+        -drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
+        -drive if=pflash,format=raw,file={{fixtures}}/demo/vars.fd \
+        -drive file={{fixtures}}/demo/bootstrap-pxe.raw,if=virtio,format=raw \
+        -nic none
