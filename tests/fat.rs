@@ -590,6 +590,18 @@ fn rejects_what_fat_cannot_hold() {
     assert!(e.contains("not allowed"), "{e}");
     let e = tiny(&|t| add(t, "trailing.", vec![1])).unwrap();
     assert!(e.contains("end with"), "{e}");
+    // A file on disk that changed after the tree recorded its length.
+    let scratch = TempDir::new().unwrap();
+    let host = scratch.path().join("shrinks");
+    std::fs::write(&host, vec![5u8; 10_000]).unwrap();
+    let content = Content::path(&host).unwrap();
+    std::fs::write(&host, vec![5u8; 100]).unwrap();
+    let e = tiny(&|t| t.add_file("shrinks", content.clone(), FILE_MODE).unwrap()).unwrap();
+    assert!(e.contains("shrinks") && e.contains("shrink?"), "{e}");
+    std::fs::write(&host, vec![5u8; 20_000]).unwrap();
+    let e = tiny(&|t| t.add_file("grows", content.clone(), FILE_MODE).unwrap()).unwrap();
+    assert!(e.contains("grew"), "{e}");
+
     let mut params = params();
     params.label = "much too long".into();
     assert!(write_image(&FileTree::new(), 40 * MIB, &params).is_err());
