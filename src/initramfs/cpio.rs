@@ -129,7 +129,10 @@ impl Header {
 fn archive_name(path: &str) -> Result<String> {
     let name = path.trim_start_matches('/').trim_end_matches('/');
     ensure!(!name.is_empty(), "empty cpio entry name {path:?}");
-    ensure!(!name.contains('\0'), "cpio entry name {path:?} contains NUL");
+    ensure!(
+        !name.contains('\0'),
+        "cpio entry name {path:?} contains NUL"
+    );
     ensure!(
         name.len() < PATH_MAX as usize,
         "cpio entry name {path:?} is too long"
@@ -227,8 +230,8 @@ impl<W: Write> Writer<W> {
     /// Add a regular file of exactly `len` bytes read from `data`.
     pub fn add_file(&mut self, path: &str, mode: u32, len: u64, data: &mut dyn Read) -> Result<()> {
         let name = self.claim(path)?;
-        let filesize =
-            u32::try_from(len).with_context(|| format!("{name}: {len} bytes is too large for newc cpio"))?;
+        let filesize = u32::try_from(len)
+            .with_context(|| format!("{name}: {len} bytes is too large for newc cpio"))?;
         let h = Header {
             mode: S_IFREG | (mode & PERM_MASK),
             nlink: 1,
@@ -247,7 +250,10 @@ impl<W: Write> Writer<W> {
         let extra = data
             .read(&mut probe)
             .with_context(|| format!("reading {name}"))?;
-        ensure!(extra == 0, "{name}: source is longer than the declared {len} bytes");
+        ensure!(
+            extra == 0,
+            "{name}: source is longer than the declared {len} bytes"
+        );
         self.pad()
     }
 
@@ -368,7 +374,9 @@ impl<R: Read> Reader<R> {
         if self.remaining == 0 || buf.is_empty() {
             return Ok(0);
         }
-        let want = buf.len().min(self.remaining.min(usize::MAX as u64) as usize);
+        let want = buf
+            .len()
+            .min(self.remaining.min(usize::MAX as u64) as usize);
         let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
             return Err(io::Error::new(
@@ -398,9 +406,13 @@ impl<R: Read> Reader<R> {
     fn read_exact_counted(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
         self.inner.read_exact(buf).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
-                anyhow::anyhow!("truncated cpio archive: {what} at offset {} is cut short", self.offset)
+                anyhow::anyhow!(
+                    "truncated cpio archive: {what} at offset {} is cut short",
+                    self.offset
+                )
             } else {
-                anyhow::Error::new(e).context(format!("reading cpio {what} at offset {}", self.offset))
+                anyhow::Error::new(e)
+                    .context(format!("reading cpio {what} at offset {}", self.offset))
             }
         })?;
         self.offset += buf.len() as u64;
@@ -443,7 +455,10 @@ impl<R: Read> Reader<R> {
         loop {
             if self.after_trailer || self.offset == 0 {
                 if !self.skip_zeros()? {
-                    ensure!(self.after_trailer, "no cpio archive (the input is empty or all zeros)");
+                    ensure!(
+                        self.after_trailer,
+                        "no cpio archive (the input is empty or all zeros)"
+                    );
                     return Ok(None);
                 }
                 ensure!(
@@ -476,7 +491,10 @@ impl<R: Read> Reader<R> {
                 );
             }
             self.remaining = header.filesize as u64;
-            self.crc = crc.then_some((0, header.check));
+            // Like the kernel, only regular files' checksums are checked (GNU cpio writes
+            // 0 for symlinks).
+            let is_file = header.mode & S_IFMT == S_IFREG;
+            self.crc = (crc && is_file).then_some((0, header.check));
             self.current = name.clone();
             if name == TRAILER {
                 ensure!(
@@ -513,7 +531,8 @@ mod tests {
         let mut w = Writer::new(Vec::new(), mtime);
         w.add_dir("dev", 0o755).unwrap();
         w.add_char_dev("dev/console", 0o600, 5, 1).unwrap();
-        w.add_file("init", 0o755, 5, &mut Cursor::new(b"hello")).unwrap();
+        w.add_file("init", 0o755, 5, &mut Cursor::new(b"hello"))
+            .unwrap();
         w.add_symlink("sh", "init").unwrap();
         w.finish().unwrap()
     }
@@ -535,7 +554,10 @@ mod tests {
         let tail = b"TRAILER!!!\0";
         let pos = a.windows(tail.len()).position(|w| w == tail).unwrap();
         assert_eq!(pos + tail.len() + 3, a.len());
-        assert_eq!(&a[pos - HEADER_LEN..pos - HEADER_LEN + 14], b"07070100000000");
+        assert_eq!(
+            &a[pos - HEADER_LEN..pos - HEADER_LEN + 14],
+            b"07070100000000"
+        );
     }
 
     #[test]
@@ -546,7 +568,13 @@ mod tests {
         while let Some(mut e) = r.next_entry().unwrap() {
             let mut data = Vec::new();
             e.read_to_end(&mut data).unwrap();
-            seen.push((e.name.clone(), e.mode(), e.header.rdev_major, e.header.rdev_minor, data));
+            seen.push((
+                e.name.clone(),
+                e.mode(),
+                e.header.rdev_major,
+                e.header.rdev_minor,
+                data,
+            ));
         }
         assert_eq!(
             seen,
@@ -564,7 +592,8 @@ mod tests {
         let mut a = sample(1);
         a.extend_from_slice(&[0u8; 512]);
         let mut w = Writer::new(Vec::new(), 1);
-        w.add_file("second", 0o644, 3, &mut Cursor::new(b"abc")).unwrap();
+        w.add_file("second", 0o644, 3, &mut Cursor::new(b"abc"))
+            .unwrap();
         a.extend(w.finish().unwrap());
         a.extend_from_slice(&[0u8; 100]);
         let mut r = Reader::new(Cursor::new(&a));
@@ -597,20 +626,30 @@ mod tests {
         b.push(0);
         b.extend(sample(1));
         let mut r = Reader::new(Cursor::new(&b));
-        let res = (|| -> Result<()> { while r.next_entry()?.is_some() {} Ok(()) })();
+        let res = (|| -> Result<()> {
+            while r.next_entry()?.is_some() {}
+            Ok(())
+        })();
         assert!(res.is_err());
     }
 
     #[test]
     fn writer_rejects_bad_input() {
         let mut w = Writer::new(Vec::new(), 0);
-        assert!(w.add_file("a/b", 0o644, 0, &mut io::empty()).is_err(), "missing parent");
+        assert!(
+            w.add_file("a/b", 0o644, 0, &mut io::empty()).is_err(),
+            "missing parent"
+        );
         assert!(w.add_dir("../x", 0o755).is_err());
         assert!(w.add_dir("", 0o755).is_err());
         w.add_dir("/a", 0o755).unwrap();
         assert!(w.add_dir("a", 0o755).is_err(), "duplicate");
-        assert!(w.add_file("a/short", 0o644, 10, &mut Cursor::new(b"abc")).is_err());
-        assert!(w.add_file("a/long", 0o644, 2, &mut Cursor::new(b"abc")).is_err());
+        assert!(w
+            .add_file("a/short", 0o644, 10, &mut Cursor::new(b"abc"))
+            .is_err());
+        assert!(w
+            .add_file("a/long", 0o644, 2, &mut Cursor::new(b"abc"))
+            .is_err());
     }
 
     #[test]

@@ -57,7 +57,10 @@ fn u64le(b: &[u8], at: usize) -> u64 {
 }
 
 fn read_at(f: &mut File, offset: u64, len: u64) -> Result<Vec<u8>> {
-    ensure!(len <= MAX_TABLE, "ELF table of {len} bytes is implausibly large");
+    ensure!(
+        len <= MAX_TABLE,
+        "ELF table of {len} bytes is implausibly large"
+    );
     f.seek(SeekFrom::Start(offset))?;
     let mut buf = vec![0u8; len as usize];
     f.read_exact(&mut buf)
@@ -84,7 +87,8 @@ fn parse(path: &Path) -> Result<ElfInfo> {
 
 fn parse_file(f: &mut File) -> Result<ElfInfo> {
     let mut eh = [0u8; EHDR_LEN];
-    f.read_exact(&mut eh).context("file too short for an ELF header")?;
+    f.read_exact(&mut eh)
+        .context("file too short for an ELF header")?;
     ensure!(&eh[..4] == ELF_MAGIC, "not an ELF file");
     ensure!(eh[4] == ELFCLASS64, "not a 64-bit ELF file");
     ensure!(eh[5] == ELFDATA2LSB, "not a little-endian ELF file");
@@ -140,7 +144,8 @@ fn parse_file(f: &mut File) -> Result<ElfInfo> {
                 .iter()
                 .find(|p| p.p_type == PT_LOAD && p.vaddr <= addr && addr < p.vaddr + p.filesz)
                 .context("DT_STRTAB lies outside every PT_LOAD segment")?;
-            let strings = read_at(f, addr - seg.vaddr + seg.offset, size).context("reading DT_STRTAB")?;
+            let strings =
+                read_at(f, addr - seg.vaddr + seg.offset, size).context("reading DT_STRTAB")?;
             for off in needed_offs {
                 needed.push(c_str(&strings, off).context("reading DT_NEEDED name")?);
             }
@@ -174,7 +179,10 @@ fn find_library(name: &str, machine: u16) -> Result<PathBuf> {
             return Ok(cand);
         }
     }
-    bail!("shared library {name} not found in {}", LIBRARY_DIRS.join(", "))
+    bail!(
+        "shared library {name} not found in {}",
+        LIBRARY_DIRS.join(", ")
+    )
 }
 
 /// Files a binary needs at run time besides itself: its interpreter and every shared

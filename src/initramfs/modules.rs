@@ -1,5 +1,5 @@
 //! Picking kernel modules out of Talos's `rootfs.sqsh`: find `/usr/lib/modules/<kver>/`,
-//! read `modules.dep` and `modules.builtin`, and resolve the modules the appliance wants
+//! read `modules.dep`, `modules.builtin` and `modules.softdep`, and resolve the modules the appliance wants
 //! into a load order (dependencies first). The `.ko` files are taken as they are: Talos
 //! signs them and enforces signatures, so they must not be altered or recompressed.
 
@@ -45,6 +45,10 @@ pub const APPLIANCE_MODULES: &[&str] = &[
 pub const MODULES_ROOT: &str = "/usr/lib/modules";
 const MODULES_DEP: &str = "modules.dep";
 const MODULES_BUILTIN: &str = "modules.builtin";
+/// `softdep <mod> pre: <names> post: <names>`, made by depmod from MODULE_SOFTDEP.
+const MODULES_SOFTDEP: &str = "modules.softdep";
+/// `alias <name> <mod>`: softdeps name aliases (e.g. `crc32c` for `crc32c_intel`).
+const MODULES_ALIAS: &str = "modules.alias";
 /// Suffixes a module file may carry after `.ko`.
 const COMPRESSED_SUFFIXES: &[&str] = &[".xz", ".zst", ".gz"];
 
@@ -120,16 +124,102 @@ fn parse_modules_builtin(text: &str) -> Result<HashSet<String>> {
         .collect()
 }
 
-/// Compute the load order for `wanted`: a depth-first walk of `modules.dep` (whose lines
-/// list the whole dependency closure), so each module follows its dependencies.
+/// Soft dependencies of one module, as names to look up (module names or aliases).
+#[derive(Default)]
+struct SoftDeps {
+    pre: Vec<String>,
+    post: Vec<String>,
+}
+
+/// Parse `modules.softdep` the way kmod does: words after `pre:` load before the
+/// module, after `post:` after it; words before either marker are ignored.
+fn parse_modules_softdep(text: &str) -> HashMap<String, SoftDeps> {
+    let mut map: HashMap<String, SoftDeps> = HashMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("softdep") {
+            continue;
+        }
+        let Some(module) = words.next() else { continue };
+        let entry = map.entry(normalize_name(module)).or_default();
+        let mut list: Option<&mut Vec<String>> = None;
+        for w in words {
+            match w {
+                "pre:" => list = Some(&mut entry.pre),
+                "post:" => list = Some(&mut entry.post),
+                name => {
+                    if let Some(l) = list.as_deref_mut() {
+                        l.push(normalize_name(name));
+                    }
+                }
+            }
+        }
+    }
+    map
+}
+
+/// Parse the plain-name lines of `modules.alias` (device aliases with wildcards are of
+/// no use for softdeps) into alias → modules.
+fn parse_modules_alias(text: &str) -> HashMap<String, Vec<String>> {
+    let mut map: HashMap<String, Vec<String>> = HashMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("alias"), Some(alias), Some(module)) =
+            (words.next(), words.next(), words.next())
+        {
+            if !alias.contains(['*', '?', '[']) {
+                map.entry(normalize_name(alias))
+                    .or_default()
+                    .push(normalize_name(module));
+            }
+        }
+    }
+    map
+}
+
+/// Compute the load order for `wanted`, as kmod's modprobe does: a depth-first walk where
+/// a module's `pre:` softdeps and its `modules.dep` dependencies (each line lists the whole
+/// closure) come before it and its `post:` softdeps after it.
 struct Resolver<'a> {
     deps: &'a HashMap<String, DepEntry>,
+    softdeps: &'a HashMap<String, SoftDeps>,
+    aliases: &'a HashMap<String, Vec<String>>,
     order: Vec<(String, String)>,
     done: HashSet<String>,
     visiting: Vec<String>,
 }
 
 impl Resolver<'_> {
+    /// Modules a softdep name stands for; built-in or unknown names stand for none.
+    fn lookup(&self, name: &str) -> Vec<String> {
+        if self.deps.contains_key(name) {
+            return vec![name.to_string()];
+        }
+        self.aliases
+            .get(name)
+            .map(|mods| {
+                mods.iter()
+                    .filter(|m| self.deps.contains_key(*m))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn visit_soft(&mut self, names: &[String]) -> Result<()> {
+        for soft in names {
+            for m in self.lookup(soft) {
+                // Softdeps may point back up the chain; kmod skips those too.
+                if self.visiting.contains(&m) {
+                    continue;
+                }
+                let path = self.deps[&m].rel_path.clone();
+                self.visit(&m, &path)?;
+            }
+        }
+        Ok(())
+    }
+
     fn visit(&mut self, name: &str, rel_path: &str) -> Result<()> {
         if self.done.contains(name) {
             return Ok(());
@@ -141,6 +231,12 @@ impl Resolver<'_> {
             );
         }
         self.visiting.push(name.to_string());
+        let (pre, post) = self
+            .softdeps
+            .get(name)
+            .map(|s| (s.pre.clone(), s.post.clone()))
+            .unwrap_or_default();
+        self.visit_soft(&pre)?;
         // A dependency with no line of its own is loaded as a leaf.
         let deps = self
             .deps
@@ -155,7 +251,7 @@ impl Resolver<'_> {
         self.visiting.pop();
         self.done.insert(name.to_string());
         self.order.push((name.to_string(), rel_path.to_string()));
-        Ok(())
+        self.visit_soft(&post)
     }
 }
 
@@ -206,17 +302,23 @@ pub fn select_modules(sqsh: File, wanted: &[&str]) -> Result<ModuleSet> {
 
     let dep_text = String::from_utf8(read(MODULES_DEP)?)
         .with_context(|| format!("{moddir}/{MODULES_DEP} is not UTF-8"))?;
-    let deps = parse_modules_dep(&dep_text).with_context(|| format!("parsing {moddir}/{MODULES_DEP}"))?;
-    let builtin_set = if files.contains_key(MODULES_BUILTIN) {
-        let text = String::from_utf8(read(MODULES_BUILTIN)?)
-            .with_context(|| format!("{moddir}/{MODULES_BUILTIN} is not UTF-8"))?;
-        parse_modules_builtin(&text)?
-    } else {
-        HashSet::new()
+    let deps =
+        parse_modules_dep(&dep_text).with_context(|| format!("parsing {moddir}/{MODULES_DEP}"))?;
+    // The other index files are optional: without them there is simply nothing to add.
+    let read_optional = |name: &str| -> Result<String> {
+        if !files.contains_key(name) {
+            return Ok(String::new());
+        }
+        String::from_utf8(read(name)?).with_context(|| format!("{moddir}/{name} is not UTF-8"))
     };
+    let builtin_set = parse_modules_builtin(&read_optional(MODULES_BUILTIN)?)?;
+    let softdeps = parse_modules_softdep(&read_optional(MODULES_SOFTDEP)?);
+    let aliases = parse_modules_alias(&read_optional(MODULES_ALIAS)?);
 
     let mut resolver = Resolver {
         deps: &deps,
+        softdeps: &softdeps,
+        aliases: &aliases,
         order: Vec::new(),
         done: HashSet::new(),
         visiting: Vec::new(),
@@ -267,7 +369,10 @@ fn find_kver(fs: &FilesystemReader) -> Result<String> {
         let Some(path) = node.fullpath.to_str() else {
             continue;
         };
-        if let Some(kver) = path.strip_prefix(MODULES_ROOT).and_then(|p| p.strip_prefix('/')) {
+        if let Some(kver) = path
+            .strip_prefix(MODULES_ROOT)
+            .and_then(|p| p.strip_prefix('/'))
+        {
             if !kver.is_empty() && !kver.contains('/') {
                 kvers.insert(kver.to_string(), ());
             }
@@ -290,7 +395,10 @@ mod tests {
 
     #[test]
     fn names_from_paths() {
-        assert_eq!(name_from_path("kernel/a/virtio-net.ko").unwrap(), "virtio_net");
+        assert_eq!(
+            name_from_path("kernel/a/virtio-net.ko").unwrap(),
+            "virtio_net"
+        );
         assert_eq!(name_from_path("kernel/a/x.ko.xz").unwrap(), "x");
         assert_eq!(name_from_path("kernel/a/x.ko.zst").unwrap(), "x");
         assert!(name_from_path("kernel/a/x.o").is_err());
@@ -305,27 +413,61 @@ kernel/a.ko:
 kernel/d-x.ko: kernel/a.ko
 ";
         let deps = parse_modules_dep(dep).unwrap();
-        let mut r = Resolver {
-            deps: &deps,
-            order: Vec::new(),
-            done: HashSet::new(),
-            visiting: Vec::new(),
-        };
+        let (soft, alias) = (HashMap::new(), HashMap::new());
+        let mut r = resolver(&deps, &soft, &alias);
         r.visit("c", "kernel/c.ko").unwrap();
         r.visit("d_x", "kernel/d-x.ko").unwrap();
         let names: Vec<_> = r.order.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["a", "b", "c", "d_x"]);
     }
 
-    #[test]
-    fn detects_cycles() {
-        let deps = parse_modules_dep("x.ko: y.ko\ny.ko: x.ko\n").unwrap();
-        let mut r = Resolver {
-            deps: &deps,
+    fn resolver<'a>(
+        deps: &'a HashMap<String, DepEntry>,
+        softdeps: &'a HashMap<String, SoftDeps>,
+        aliases: &'a HashMap<String, Vec<String>>,
+    ) -> Resolver<'a> {
+        Resolver {
+            deps,
+            softdeps,
+            aliases,
             order: Vec::new(),
             done: HashSet::new(),
             visiting: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn softdeps_by_name_and_alias() {
+        let deps = parse_modules_dep(
+            "k/lib.ko:\nk/impl-fast.ko:\nk/phy.ko:\nk/nic.ko:\nk/after.ko:\nk/user.ko: k/lib.ko\n",
+        )
+        .unwrap();
+        let soft = parse_modules_softdep(
+            "# comment\nsoftdep lib pre: algo\nsoftdep nic pre: phy builtin_thing post: after\nsoftdep user ignored\n",
+        );
+        let alias = parse_modules_alias(
+            "alias algo impl_fast\nalias pci:v*d* nic\nalias algo builtin_algo\n",
+        );
+        assert!(!alias.contains_key("pci:v*d*"));
+        let mut r = resolver(&deps, &soft, &alias);
+        r.visit("user", "k/user.ko").unwrap();
+        r.visit("nic", "k/nic.ko").unwrap();
+        let names: Vec<_> = r.order.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["impl_fast", "lib", "user", "phy", "nic", "after"]);
+    }
+
+    #[test]
+    fn detects_cycles() {
+        let deps = parse_modules_dep("x.ko: y.ko\ny.ko: x.ko\n").unwrap();
+        let (soft, alias) = (HashMap::new(), HashMap::new());
+        let mut r = resolver(&deps, &soft, &alias);
         assert!(r.visit("x", "x.ko").is_err());
+        // A softdep pointing back up the chain is not an error.
+        let deps = parse_modules_dep("a.ko:\nb.ko:\n").unwrap();
+        let soft = parse_modules_softdep("softdep a pre: b\nsoftdep b post: a\n");
+        let mut r = resolver(&deps, &soft, &alias);
+        r.visit("a", "a.ko").unwrap();
+        let names: Vec<_> = r.order.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["b", "a"]);
     }
 }

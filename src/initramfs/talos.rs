@@ -147,7 +147,9 @@ mod tests {
             .err()
             .unwrap();
         assert!(format!("{err:#}").contains("010203040506"), "{err:#}");
-        let err = decompress(Cursor::new(vec![0x1f, 0x8b, 8, 0])).err().unwrap();
+        let err = decompress(Cursor::new(vec![0x1f, 0x8b, 8, 0]))
+            .err()
+            .unwrap();
         assert!(format!("{err:#}").contains("gzip"), "{err:#}");
         assert!(decompress(Cursor::new(Vec::new())).is_err());
     }
@@ -177,7 +179,9 @@ mod tests {
 
         // Truncated in the middle of rootfs.sqsh, plain and compressed.
         let cut = &a[..a.len() / 2];
-        let err = extract_rootfs_sqsh(Cursor::new(cut.to_vec())).err().unwrap();
+        let err = extract_rootfs_sqsh(Cursor::new(cut.to_vec()))
+            .err()
+            .unwrap();
         assert!(format!("{err:#}").contains("truncated"), "{err:#}");
         let z = zstd(&a);
         assert!(extract_rootfs_sqsh(Cursor::new(z[..z.len() / 2].to_vec())).is_err());
