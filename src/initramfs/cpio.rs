@@ -462,7 +462,7 @@ impl<R: Read> Reader<R> {
                     return Ok(None);
                 }
                 ensure!(
-                    self.offset % ALIGN == 0,
+                    self.offset.is_multiple_of(ALIGN),
                     "data at offset {} is not a 4-byte aligned cpio archive",
                     self.offset
                 );

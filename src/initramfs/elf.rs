@@ -77,7 +77,7 @@ fn c_str(buf: &[u8], at: u64) -> Result<String> {
         .iter()
         .position(|&b| b == 0)
         .context("unterminated string")?;
-    Ok(String::from_utf8(rest[..end].to_vec()).context("non-UTF-8 string")?)
+    String::from_utf8(rest[..end].to_vec()).context("non-UTF-8 string")
 }
 
 fn parse(path: &Path) -> Result<ElfInfo> {

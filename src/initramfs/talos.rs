@@ -191,6 +191,10 @@ mod tests {
         for b in &mut bad[mid..mid + 64] {
             *b ^= 0x55;
         }
-        assert!(extract_rootfs_sqsh(Cursor::new(bad)).is_err());
+        let err = extract_rootfs_sqsh(Cursor::new(bad)).err().unwrap();
+        assert!(
+            format!("{err:#}").contains("corrupt compressed data"),
+            "{err:#}"
+        );
     }
 }
