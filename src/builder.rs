@@ -16,7 +16,7 @@ use crate::cmdline::BuildArgs;
 use crate::config::{self, ApplianceConfig, BootFiles, Ipv4Cidr, Mac, Network};
 use crate::disk::{esp, gpt, rootfs};
 use crate::initramfs::{self, modules};
-use crate::iso::Iso;
+use crate::iso::{Iso, IsoEntry};
 use crate::layout::{self, ALIGN, SECTOR};
 use crate::render::{self, Renderer};
 use crate::tree::{Content, FileTree, DIR_MODE, FILE_MODE};
@@ -170,10 +170,27 @@ fn resolve_inputs(args: &BuildArgs) -> Result<Inputs> {
     Ok(Inputs { iso, ipxe, init })
 }
 
+/// The byte range of a file inside the ISO, checked to lie within the file.
+fn iso_range(iso_path: &Path, e: &IsoEntry) -> Result<(u64, u64)> {
+    let [extent] = e.extents.as_slice() else {
+        bail!("{} in the ISO is stored in {} extents; expected one", e.path, e.extents.len());
+    };
+    let iso_len = std::fs::metadata(iso_path)?.len();
+    if extent.offset + extent.len > iso_len {
+        bail!(
+            "{} is truncated: {} ends at byte {} but the file has {iso_len} bytes",
+            iso_path.display(),
+            e.path,
+            extent.offset + extent.len
+        );
+    }
+    Ok((extent.offset, extent.len))
+}
+
 /// Read systemd-boot from the ISO tree, or else from the ISO's UEFI boot image.
 fn bootloader_from_iso(iso: &Iso, iso_path: &Path) -> Result<Content> {
     if let Some(e) = iso.lookup(ISO_BOOTLOADER)? {
-        let (offset, len) = iso.data_range(&e)?;
+        let (offset, len) = iso_range(iso_path, &e)?;
         return Ok(Content::Range {
             path: iso_path.to_path_buf(),
             offset,
@@ -290,7 +307,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         let e = iso.lookup(p)?.with_context(|| {
             format!("{} has no {p}: is it a Talos metal ISO?", inputs.iso.display())
         })?;
-        let (offset, len) = iso.data_range(&e)?;
+        let (offset, len) = iso_range(&inputs.iso, &e)?;
         Ok(Content::Range {
             path: inputs.iso.clone(),
             offset,

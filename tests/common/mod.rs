@@ -1,0 +1,92 @@
+//! Shared helpers for the integration tests that drive the `mkappliance` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const TALOS: &str = "v1.11.6";
+pub const MAC: &str = "00:11:22:33:44:55";
+/// A fixed SOURCE_DATE_EPOCH for reproducible builds in tests: 2025-12-17T00:00:00Z.
+pub const EPOCH: &str = "1765929600";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mkappliance"))
+}
+
+pub fn example_config() -> PathBuf {
+    repo().join("examples/controlplane.yaml")
+}
+
+/// `mkappliance build` with the fixture ISO and example config into `out`, plus `extra`.
+pub fn build_cmd(iso: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.args(["build", TALOS, "2025-12-17", MAC, "--quiet"])
+        .arg("--iso")
+        .arg(iso)
+        .arg("--config")
+        .arg(example_config())
+        .arg("--out-dir")
+        .arg(out)
+        .args(extra)
+        .env("SOURCE_DATE_EPOCH", EPOCH);
+    c
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Byte offset and size of GPT partition `n` as `sgdisk -i` reports them (an independent reader).
+pub fn sgdisk_partition(image: &Path, n: u32) -> (u64, u64, String, String) {
+    let out = run_ok(Command::new("sgdisk").arg(format!("-i{n}")).arg(image));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |name: &str| -> String {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in sgdisk output:\n{text}"))
+            .trim()
+            .to_string()
+    };
+    let first: u64 = field("First sector:").split_whitespace().next().unwrap().parse().unwrap();
+    let last: u64 = field("Last sector:").split_whitespace().next().unwrap().parse().unwrap();
+    let type_guid = field("Partition GUID code:").split_whitespace().next().unwrap().to_string();
+    let unique = field("Partition unique GUID:").to_string();
+    (first * 512, (last + 1 - first) * 512, type_guid, unique)
+}
+
+/// Read a file from the ext4 rootfs with the real `debugfs`.
+pub fn debugfs_cat(image: &Path, offset: u64, path: &str) -> Vec<u8> {
+    let out = run_ok(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("cat /{path}"))
+            .arg(format!("{}?offset={offset}", image.display())),
+    );
+    out.stdout
+}
+
+/// Read a file from the FAT ESP with the real `mcopy`.
+pub fn mcopy(image: &Path, offset: u64, path: &str) -> Vec<u8> {
+    let out = run_ok(
+        Command::new("mcopy")
+            .arg("-n")
+            .arg("-i")
+            .arg(format!("{}@@{offset}", image.display()))
+            .arg(format!("::/{path}"))
+            .arg("-")
+            .env("MTOOLS_SKIP_CHECK", "1"),
+    );
+    out.stdout
+}
