@@ -114,7 +114,9 @@ impl FileTree {
         while let Some(pos) = path[idx..].find('/') {
             let parent = &path[..idx + pos];
             match self.entries.get(parent) {
-                Some(Entry { kind: Kind::Dir, .. }) => {}
+                Some(Entry {
+                    kind: Kind::Dir, ..
+                }) => {}
                 Some(_) => bail!("{parent} is not a directory (needed for {path})"),
                 None => {
                     self.entries.insert(
@@ -217,7 +219,10 @@ impl FileTree {
                 };
                 self.add_file(&dest, Content::path(&host)?, mode)?;
             } else {
-                bail!("{}: only files, directories and symlinks can be copied", host.display());
+                bail!(
+                    "{}: only files, directories and symlinks can be copied",
+                    host.display()
+                );
             }
         }
         Ok(())
@@ -241,7 +246,10 @@ impl FileTree {
             format!("{dir}/")
         };
         self.entries
-            .range::<str, _>((std::ops::Bound::Included(prefix.as_str()), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(|(k, _)| k.starts_with(&prefix))
             .filter(|(k, _)| !k[prefix.len()..].contains('/'))
             .map(|(k, v)| (&k[prefix.len()..], k.as_str(), v))
@@ -275,10 +283,13 @@ mod tests {
     #[test]
     fn parents_are_implicit_and_children_sorted() {
         let mut t = FileTree::new();
-        t.add_file("b/z.txt", Content::bytes("z"), FILE_MODE).unwrap();
-        t.add_file("b/a.txt", Content::bytes("a"), FILE_MODE).unwrap();
+        t.add_file("b/z.txt", Content::bytes("z"), FILE_MODE)
+            .unwrap();
+        t.add_file("b/a.txt", Content::bytes("a"), FILE_MODE)
+            .unwrap();
         t.add_file("a", Content::bytes("root"), FILE_MODE).unwrap();
-        t.add_file("b/c/d", Content::bytes("deep"), FILE_MODE).unwrap();
+        t.add_file("b/c/d", Content::bytes("deep"), FILE_MODE)
+            .unwrap();
         let root: Vec<_> = t.children("").iter().map(|c| c.0).collect();
         assert_eq!(root, ["a", "b"]);
         let b: Vec<_> = t.children("b").iter().map(|c| c.0).collect();
@@ -290,7 +301,9 @@ mod tests {
     #[test]
     fn rejects_dotdot_and_type_conflicts() {
         let mut t = FileTree::new();
-        assert!(t.add_file("../etc/passwd", Content::bytes(""), 0o644).is_err());
+        assert!(t
+            .add_file("../etc/passwd", Content::bytes(""), 0o644)
+            .is_err());
         t.add_file("x", Content::bytes(""), 0o644).unwrap();
         assert!(t.add_file("x/y", Content::bytes(""), 0o644).is_err());
         assert!(t.add_dir("x", 0o755).is_err());
