@@ -51,6 +51,8 @@ const LOST_FOUND_INO: u64 = 11;
 const LOST_FOUND_BLOCKS: u64 = 4;
 const MAX_LABEL: usize = 16;
 const MIB: u64 = 1 << 20;
+/// Most blocks the kernel reserves for itself (see [`kernel_reserve`]).
+const KERNEL_RESERVE_MAX: u64 = 4096;
 
 /// Everything about the filesystem that does not come from the tree.
 #[derive(Clone, Debug)]
@@ -67,9 +69,12 @@ pub struct Ext4Params {
 /// Smallest partition size in bytes (a multiple of 4096) that holds `tree` with at least
 /// `free_bytes` of free data blocks and `free_inodes` free inodes left over.
 ///
-/// The filesystem gets 64 spare inodes per MiB of partition, so many free inodes cost
-/// size (16 KiB per inode). If the tree cannot be laid out at all (a bad name, say), this
-/// returns a rough estimate and [`write`] reports the real error.
+/// Free space is what the running kernel lets programs use: ext4 holds back
+/// min(2 %, 4096 blocks) from everyone (`s_resv_clusters`), so when `free_bytes` is
+/// non-zero that much comes on top. The filesystem gets 64 spare inodes per MiB of
+/// partition, so many free inodes cost size (16 KiB per inode). If the tree cannot be
+/// laid out at all (a bad name, say), this returns a rough estimate and [`write`] reports
+/// the real error.
 pub fn min_size(tree: &FileTree, free_bytes: u64, free_inodes: u32) -> u64 {
     let estimate = (tree.payload_bytes() + free_bytes).next_multiple_of(BLOCK_SIZE) + MIB;
     let Ok(mut layout) = Layout::new(tree) else {
@@ -92,7 +97,11 @@ pub fn min_size(tree: &FileTree, free_bytes: u64, free_inodes: u32) -> u64 {
                     return estimate;
                 };
                 let over = end.saturating_sub(geo.blocks_count);
-                let short_blocks = over + want_free.saturating_sub(geo.free_blocks(end));
+                let want = match want_free {
+                    0 => 0,
+                    n => n + kernel_reserve(geo.blocks_count),
+                };
+                let short_blocks = over + want.saturating_sub(geo.free_blocks(end));
                 let have_inodes = geo.total_inodes() - last_ino;
                 let short_inodes = u64::from(free_inodes).saturating_sub(have_inodes);
                 let inode_blocks = short_inodes.div_ceil(INODES_PER_MIB) * (MIB / BLOCK_SIZE);
@@ -104,6 +113,12 @@ pub fn min_size(tree: &FileTree, free_bytes: u64, free_inodes: u32) -> u64 {
         }
         blocks += short;
     }
+}
+
+/// Blocks the kernel keeps back from all users of an extent-mapped filesystem
+/// (fs/ext4/super.c, `ext4_calculate_resv_clusters`): 2 % of the blocks, at most 4096.
+fn kernel_reserve(blocks_count: u64) -> u64 {
+    (blocks_count / 50).min(KERNEL_RESERVE_MAX)
 }
 
 /// Format `[offset, offset+size)` of `out` as ext4 and write `tree` into it.

@@ -25,7 +25,7 @@ pub(super) struct Geometry {
 /// Whether group `g` holds a superblock backup under `sparse_super`.
 pub(super) fn has_super(g: u64) -> bool {
     fn power_of(mut n: u64, base: u64) -> bool {
-        while n > 1 && n % base == 0 {
+        while n > 1 && n.is_multiple_of(base) {
             n /= base;
         }
         n == 1

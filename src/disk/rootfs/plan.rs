@@ -153,6 +153,9 @@ impl<'t> Layout<'t> {
             if name.len() > MAX_NAME {
                 bail!("{path}: name longer than {MAX_NAME} bytes");
             }
+            if name.contains('\0') {
+                bail!("{path:?}: NUL in a file name");
+            }
             inos.insert(path, next);
             entries.push((path, entry, next));
             next += 1;

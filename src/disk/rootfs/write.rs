@@ -70,7 +70,7 @@ impl<'f> Out<'f> {
 
     /// Write whole blocks starting at `block`, skipping all-zero ones in sparse mode.
     fn write_blocks(&self, block: u64, data: &[u8]) -> Result<()> {
-        debug_assert!(data.len() % BLOCK_SIZE as usize == 0);
+        debug_assert!(data.len().is_multiple_of(BLOCK_SIZE as usize));
         if !self.sparse {
             return self.write_bytes(block * BLOCK_SIZE, data);
         }
