@@ -35,7 +35,7 @@ use plan::Layout;
 
 use crate::tree::FileTree;
 
-pub(crate) const BLOCK_SIZE: u64 = 4096;
+const BLOCK_SIZE: u64 = 4096;
 const BLOCKS_PER_GROUP: u64 = 32768;
 const INODE_SIZE: u64 = 256;
 const INODES_PER_BLOCK: u64 = BLOCK_SIZE / INODE_SIZE;

@@ -167,12 +167,18 @@ fn write_mapped(
     extents: &[Extent],
     blocks: &mut dyn Iterator<Item = Vec<u8>>,
 ) -> Result<()> {
+    let mut run = Vec::with_capacity(CHUNK);
     for e in extents {
-        let mut run = Vec::with_capacity(e.len as usize * BLOCK_SIZE as usize);
-        for _ in 0..e.len {
-            run.extend_from_slice(&blocks.next().context("fewer blocks than extents map")?);
+        let mut done = 0;
+        while done < u64::from(e.len) {
+            let n = (u64::from(e.len) - done).min(CHUNK_BLOCKS);
+            run.clear();
+            for _ in 0..n {
+                run.extend_from_slice(&blocks.next().context("fewer blocks than extents map")?);
+            }
+            out.write_blocks(e.start + done, &run)?;
+            done += n;
         }
-        out.write_blocks(e.start, &run)?;
     }
     Ok(())
 }
