@@ -656,3 +656,25 @@ fn timing_of_a_110_mb_write() {
         &mut File::open(&src).unwrap(),
     );
 }
+
+/// Times from 2038 on overflow the signed 32-bit fields: the `_extra` epoch bits carry them.
+#[test]
+fn post_2038_timestamps_use_the_epoch_bits() {
+    let tmp = tempfile::TempDir::new().unwrap();
+    let tree = small_tree();
+    let mut p = params();
+    p.timestamp = 0xF000_0000; // 2097-08-05 09:04:00 UTC
+    let size = rootfs::min_size(&tree, 0, 0);
+    let img = write_image(tmp.path(), "a.img", &tree, size, &p);
+    let stat = debugfs_text(&img, "stat /etc/hello");
+    for field in ["ctime", "atime", "mtime", "crtime"] {
+        let line = stat
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{field}:")))
+            .unwrap();
+        assert!(
+            line.contains("0xf0000000:00000001") && line.contains("2097"),
+            "{line}"
+        );
+    }
+}
