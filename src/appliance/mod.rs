@@ -1,1 +1,8 @@
-//! appliance
+//! The appliance side: what runs inside the booted image.
+//!
+//! [`init`] is PID 1 in our initramfs; [`gptscan`] finds the root partition by reading
+//! GPTs itself; [`console`] writes to every console an operator might watch.
+
+pub mod console;
+pub mod gptscan;
+pub mod init;
