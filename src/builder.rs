@@ -71,18 +71,31 @@ pub fn config_from_args(args: &BuildArgs, boot_files: BootFiles) -> Result<Appli
     config::check_talos_version(&args.talos_version)?;
     config::check_path_component("bootstrap version", &args.bootstrap_version)?;
     let minipc_mac = parse_mac("MINIPC_MAC", &args.minipc_mac)?;
-    let appliance: Ipv4Cidr = args.appliance_ip.parse().context("invalid --appliance-ip")?;
-    let minipc_ip = args
-        .minipc_ip
+    let appliance: Ipv4Cidr = args
+        .appliance_ip
         .parse()
-        .with_context(|| format!("invalid --minipc-ip {:?}: expected an IPv4 address", args.minipc_ip))?;
+        .context("invalid --appliance-ip")?;
+    let minipc_ip = args.minipc_ip.parse().with_context(|| {
+        format!(
+            "invalid --minipc-ip {:?}: expected an IPv4 address",
+            args.minipc_ip
+        )
+    })?;
     let network = Network {
         appliance,
         minipc_ip,
         dhcp_range: config::parse_dhcp_range(&args.dhcp_range)?,
         lease_secs: LEASE_SECS,
-        internal_mac: args.internal_mac.as_deref().map(|m| parse_mac("--internal-mac", m)).transpose()?,
-        uplink_mac: args.uplink_mac.as_deref().map(|m| parse_mac("--uplink-mac", m)).transpose()?,
+        internal_mac: args
+            .internal_mac
+            .as_deref()
+            .map(|m| parse_mac("--internal-mac", m))
+            .transpose()?,
+        uplink_mac: args
+            .uplink_mac
+            .as_deref()
+            .map(|m| parse_mac("--uplink-mac", m))
+            .transpose()?,
     };
     let cfg = ApplianceConfig {
         schema: config::CONFIG_SCHEMA,
@@ -122,7 +135,10 @@ struct Inputs {
 
 fn resolve_inputs(args: &BuildArgs) -> Result<Inputs> {
     let iso = args.iso.clone().unwrap_or_else(|| {
-        PathBuf::from(format!("artifacts/talos/{}/metal-amd64.iso", args.talos_version))
+        PathBuf::from(format!(
+            "artifacts/talos/{}/metal-amd64.iso",
+            args.talos_version
+        ))
     });
     require_file(
         &iso,
@@ -154,7 +170,10 @@ fn resolve_inputs(args: &BuildArgs) -> Result<Inputs> {
             })?,
     };
     require_file(&ipxe, "iPXE binary", "pass --ipxe PATH")?;
-    for p in [&args.ipxe_bios, &args.ipxe_arm64, &args.bootloader].into_iter().flatten() {
+    for p in [&args.ipxe_bios, &args.ipxe_arm64, &args.bootloader]
+        .into_iter()
+        .flatten()
+    {
         require_file(p, "boot file", "check the path")?;
     }
     let init = match &args.init_binary {
@@ -173,7 +192,11 @@ fn resolve_inputs(args: &BuildArgs) -> Result<Inputs> {
 /// The byte range of a file inside the ISO, checked to lie within the file.
 fn iso_range(iso_path: &Path, e: &IsoEntry) -> Result<(u64, u64)> {
     let [extent] = e.extents.as_slice() else {
-        bail!("{} in the ISO is stored in {} extents; expected one", e.path, e.extents.len());
+        bail!(
+            "{} in the ISO is stored in {} extents; expected one",
+            e.path,
+            e.extents.len()
+        );
     };
     let iso_len = std::fs::metadata(iso_path)?.len();
     if extent.offset + extent.len > iso_len {
@@ -198,7 +221,9 @@ fn bootloader_from_iso(iso: &Iso, iso_path: &Path) -> Result<Content> {
         });
     }
     let (offset, len) = iso.efi_boot_image()?.with_context(|| {
-        format!("the ISO has neither {ISO_BOOTLOADER} nor a UEFI boot image: pass --bootloader PATH")
+        format!(
+            "the ISO has neither {ISO_BOOTLOADER} nor a UEFI boot image: pass --bootloader PATH"
+        )
     })?;
     let file = std::fs::File::open(iso_path)?;
     let fat = esp::FatImage::open(esp::Slice::new(file, offset, len)?)
@@ -287,13 +312,13 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         ipxe_arm64: args.ipxe_arm64.as_ref().map(|_| "ipxe-arm64.efi".into()),
     };
     let cfg = config_from_args(args, boot_files)?;
-    let out_dir = args
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("artifacts/bootstrap/{}", args.bootstrap_version)));
+    let out_dir = args.out_dir.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("artifacts/bootstrap/{}", args.bootstrap_version))
+    });
 
     steps.step("reading the Talos ISO");
-    let iso = Iso::open(&inputs.iso).with_context(|| format!("reading Talos ISO {}", inputs.iso.display()))?;
+    let iso = Iso::open(&inputs.iso)
+        .with_context(|| format!("reading Talos ISO {}", inputs.iso.display()))?;
     let want_vol = config::talos_volume_id(&cfg.talos_version);
     if iso.volume_id() != want_vol {
         bail!(
@@ -305,7 +330,10 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     }
     let iso_file = |p: &str| -> Result<Content> {
         let e = iso.lookup(p)?.with_context(|| {
-            format!("{} has no {p}: is it a Talos metal ISO?", inputs.iso.display())
+            format!(
+                "{} has no {p}: is it a Talos metal ISO?",
+                inputs.iso.display()
+            )
         })?;
         let (offset, len) = iso_range(&inputs.iso, &e)?;
         Ok(Content::Range {
@@ -323,7 +351,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
 
     steps.step("picking kernel modules from the Talos initramfs");
     let sqsh = initramfs::talos::extract_rootfs_sqsh(
-        initramfs::talos::decompress(Box::new(talos_initramfs.open()?.take(talos_initramfs.len())))
+        initramfs::talos::decompress(talos_initramfs.open()?)
             .context("reading the Talos initramfs")?,
     )
     .context("reading the Talos initramfs")?;
@@ -368,8 +396,16 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     if let Some(p) = &args.ipxe_arm64 {
         root.add_file(layout::TFTP_IPXE_ARM64, Content::path(p)?, FILE_MODE)?;
     }
-    root.add_file(&layout::http_kernel(&cfg.talos_version), kernel.clone(), FILE_MODE)?;
-    root.add_file(&layout::http_initramfs(&cfg.talos_version), talos_initramfs, FILE_MODE)?;
+    root.add_file(
+        &layout::http_kernel(&cfg.talos_version),
+        kernel.clone(),
+        FILE_MODE,
+    )?;
+    root.add_file(
+        &layout::http_initramfs(&cfg.talos_version),
+        talos_initramfs,
+        FILE_MODE,
+    )?;
     root.add_dir(&format!("{}/configs", layout::HTTP_ROOT), 0o750)?;
     root.add_file(layout::HTTP_CONFIG, Content::bytes(machine_config), 0o640)?;
     if let Some(t) = talosconfig {
@@ -380,9 +416,21 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         Content::bytes(renderer.render(render::BOOT_IPXE, &cfg, "")?),
         FILE_MODE,
     )?;
-    root.add_file(layout::DNSMASQ_CONF, Content::bytes(renderer.render(render::DNSMASQ_CONF, &cfg, "")?), FILE_MODE)?;
-    root.add_file(layout::NGINX_CONF, Content::bytes(renderer.render(render::NGINX_CONF, &cfg, "")?), FILE_MODE)?;
-    root.add_file(layout::APPLIANCE_TOML, Content::bytes(cfg_toml.clone()), FILE_MODE)?;
+    root.add_file(
+        layout::DNSMASQ_CONF,
+        Content::bytes(renderer.render(render::DNSMASQ_CONF, &cfg, "")?),
+        FILE_MODE,
+    )?;
+    root.add_file(
+        layout::NGINX_CONF,
+        Content::bytes(renderer.render(render::NGINX_CONF, &cfg, "")?),
+        FILE_MODE,
+    )?;
+    root.add_file(
+        layout::APPLIANCE_TOML,
+        Content::bytes(cfg_toml.clone()),
+        FILE_MODE,
+    )?;
     root.add_dir(layout::STATE_DIR, DIR_MODE)?;
     root.add_dir(layout::LOG_DIR, DIR_MODE)?;
     for o in &args.overlay {
@@ -395,7 +443,11 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     let mut esp_tree = FileTree::new();
     esp_tree.add_file(layout::ESP_BOOTLOADER, bootloader, FILE_MODE)?;
     esp_tree.add_file(layout::ESP_KERNEL, kernel, FILE_MODE)?;
-    esp_tree.add_file(layout::ESP_INITRAMFS, Content::bytes(appliance_img), FILE_MODE)?;
+    esp_tree.add_file(
+        layout::ESP_INITRAMFS,
+        Content::bytes(appliance_img),
+        FILE_MODE,
+    )?;
     esp_tree.add_file(
         layout::ESP_LOADER_CONF,
         Content::bytes(renderer.render(render::LOADER_CONF, &cfg, "")?),
@@ -406,7 +458,8 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     {
         let mut f = std::fs::File::open(&inputs.iso)?;
         f.seek(SeekFrom::Start(16 * 2048))?;
-        f.read_exact(&mut pvd).context("reading the ISO volume descriptor")?;
+        f.read_exact(&mut pvd)
+            .context("reading the ISO volume descriptor")?;
     }
     let seed = identity_hash(&cfg_toml, &[&root, &esp_tree], &pvd)?;
     let disk_guid = gpt::Guid::from_hash(&derive(&seed, "disk"));
@@ -424,7 +477,10 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
 
     // Lay out the disk: 1 MiB of GPT, the ESP, the rootfs, 1 MiB for the backup GPT.
     let esp_size = util::round_up(esp::min_size(&esp_tree, ESP_HEADROOM), ALIGN);
-    let root_size = util::round_up(rootfs::min_size(&root, ROOT_HEADROOM, ROOT_SPARE_INODES), ALIGN);
+    let root_size = util::round_up(
+        rootfs::min_size(&root, ROOT_HEADROOM, ROOT_SPARE_INODES),
+        ALIGN,
+    );
     let esp_off = ALIGN;
     let root_off = esp_off + esp_size;
     let total = root_off + root_size + ALIGN;
@@ -547,10 +603,15 @@ fn hash_sparse(file: &std::fs::File, total: u64) -> Result<String> {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { total } else { (hole as u64).min(total) };
+        let hole = if hole < 0 {
+            total
+        } else {
+            (hole as u64).min(total)
+        };
         while pos < hole {
             let n = ((hole - pos) as usize).min(CHUNK);
-            file.read_exact_at(&mut buf[..n], pos).context("reading the image back to hash it")?;
+            file.read_exact_at(&mut buf[..n], pos)
+                .context("reading the image back to hash it")?;
             h.update(&buf[..n]);
             pos += n as u64;
         }
@@ -566,14 +627,28 @@ fn print_summary(s: &Summary, cfg: &ApplianceConfig) {
         util::human_size(s.allocated_bytes)
     );
     println!("  sha256    {}", s.sha256);
-    println!("  Talos     {} (bootstrap {})", s.talos_version, s.bootstrap_version);
+    println!(
+        "  Talos     {} (bootstrap {})",
+        s.talos_version, s.bootstrap_version
+    );
     println!("  appliance {} on the PXE link", s.appliance_ip);
     println!("The node {} will get:", s.minipc_mac);
-    println!("  DHCP      {} (router and DNS {})", s.minipc_ip, cfg.appliance_ip());
-    println!("  TFTP      {} (UEFI), then http://{}/boot.ipxe", cfg.boot_files.ipxe_efi, cfg.appliance_ip());
+    println!(
+        "  DHCP      {} (router and DNS {})",
+        s.minipc_ip,
+        cfg.appliance_ip()
+    );
+    println!(
+        "  TFTP      {} (UEFI), then http://{}/boot.ipxe",
+        cfg.boot_files.ipxe_efi,
+        cfg.appliance_ip()
+    );
     println!("  config    {}", s.config_url);
     if s.talosconfig_served {
-        println!("  also      {}/configs/talosconfig (admin credential!)", cfg.http_base());
+        println!(
+            "  also      {}/configs/talosconfig (admin credential!)",
+            cfg.http_base()
+        );
     }
     println!(
         "  then      {}",

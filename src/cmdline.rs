@@ -89,7 +89,11 @@ pub struct BuildArgs {
     #[arg(long, value_name = "IP", default_value = "10.10.10.100")]
     pub minipc_ip: String,
     /// DHCP range rendered into dnsmasq.conf (only the pinned MAC is served)
-    #[arg(long, value_name = "FIRST,LAST", default_value = "10.10.10.50,10.10.10.60")]
+    #[arg(
+        long,
+        value_name = "FIRST,LAST",
+        default_value = "10.10.10.50,10.10.10.60"
+    )]
     pub dhcp_range: String,
     /// MAC of the appliance VM's NIC on the PXE link [default: the first NIC]
     #[arg(long, value_name = "MAC")]

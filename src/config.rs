@@ -110,9 +110,9 @@ impl Ipv4Cidr {
 impl FromStr for Ipv4Cidr {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Ipv4Cidr> {
-        let (a, p) = s
-            .split_once('/')
-            .with_context(|| format!("malformed address {s:?}: expected ADDRESS/PREFIX like 10.10.10.2/24"))?;
+        let (a, p) = s.split_once('/').with_context(|| {
+            format!("malformed address {s:?}: expected ADDRESS/PREFIX like 10.10.10.2/24")
+        })?;
         let addr: Ipv4Addr = a
             .parse()
             .with_context(|| format!("malformed IPv4 address {a:?} in {s:?}"))?;
@@ -168,11 +168,8 @@ pub fn check_talos_version(v: &str) -> Result<()> {
         && nums
             .split('.')
             .all(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
-    let ok_pre = pre.is_none_or(|p| {
-        !p.is_empty()
-            && p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.')
-    });
+    let ok_pre = pre
+        .is_none_or(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '.'));
     ensure!(
         ok_nums && ok_pre,
         "malformed Talos version {v:?}: expected a release tag like v1.11.6"
@@ -311,7 +308,8 @@ impl ApplianceConfig {
 
     /// Kernel args for the node: the Talos PXE defaults, the config URL, any extras.
     pub fn default_kernel_args(appliance_ip: Ipv4Addr, extra: Option<&str>) -> String {
-        let mut s = format!("{TALOS_PXE_ARGS} talos.config=http://{appliance_ip}/configs/minipc.yaml");
+        let mut s =
+            format!("{TALOS_PXE_ARGS} talos.config=http://{appliance_ip}/configs/minipc.yaml");
         if let Some(e) = extra.map(str::trim).filter(|e| !e.is_empty()) {
             s.push(' ');
             s.push_str(e);
@@ -360,7 +358,14 @@ mod tests {
             "00-11-22-33-44-55".parse::<Mac>().unwrap().0,
             [0, 0x11, 0x22, 0x33, 0x44, 0x55]
         );
-        for bad in ["00:11:22:33:44", "00:11:22:33:44:5g", "0:11:22:33:44:55", "01:00:5e:00:00:01", "00:00:00:00:00:00", ""] {
+        for bad in [
+            "00:11:22:33:44",
+            "00:11:22:33:44:5g",
+            "0:11:22:33:44:55",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad} accepted");
         }
     }
@@ -383,9 +388,17 @@ mod tests {
         };
         n.validate().unwrap();
         n.minipc_ip = Ipv4Addr::new(10, 10, 11, 100);
-        assert!(n.validate().unwrap_err().to_string().contains("not a host address inside"));
+        assert!(n
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not a host address inside"));
         n.minipc_ip = Ipv4Addr::new(10, 10, 10, 2);
-        assert!(n.validate().unwrap_err().to_string().contains("appliance's own"));
+        assert!(n
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("appliance's own"));
     }
 
     #[test]

@@ -17,6 +17,7 @@ const SECRET_FILES: &[&str] = &[layout::HTTP_CONFIG, layout::HTTP_TALOSCONFIG];
 #[derive(Debug, Serialize)]
 pub struct FileInfo {
     pub path: String,
+    pub is_dir: bool,
     pub size: u64,
     /// `None` for directories and redacted secrets.
     pub sha256: Option<String>,
@@ -56,12 +57,17 @@ fn find(table: &gpt::Table, type_guid: &str, what: &str) -> Result<gpt::Partitio
 /// Read an image and check it against the layout; errors name what is missing.
 pub fn read_report(path: &std::path::Path) -> Result<Report> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let table = gpt::read(&file).with_context(|| format!("{} is not a GPT disk", path.display()))?;
+    let table =
+        gpt::read(&file).with_context(|| format!("{} is not a GPT disk", path.display()))?;
     let esp_part = find(&table, layout::ESP_TYPE_GUID, "EFI System")?;
     let root_part = find(&table, layout::ROOT_TYPE_GUID, "root")?;
 
-    let fat = esp::FatImage::open(esp::Slice::new(file.try_clone()?, esp_part.offset(), esp_part.size())?)
-        .context("reading the ESP")?;
+    let fat = esp::FatImage::open(esp::Slice::new(
+        file.try_clone()?,
+        esp_part.offset(),
+        esp_part.size(),
+    )?)
+    .context("reading the ESP")?;
     let mut esp_files = Vec::new();
     for (p, is_dir, size) in fat.list()? {
         let sha256 = if is_dir {
@@ -69,9 +75,19 @@ pub fn read_report(path: &std::path::Path) -> Result<Report> {
         } else {
             fat.read(&p)?.map(|d| sha256_hex(&d))
         };
-        esp_files.push(FileInfo { path: p, size, sha256 });
+        esp_files.push(FileInfo {
+            path: p,
+            is_dir,
+            size,
+            sha256,
+        });
     }
-    for required in [layout::ESP_BOOTLOADER, layout::ESP_KERNEL, layout::ESP_INITRAMFS, layout::ESP_LOADER_CONF] {
+    for required in [
+        layout::ESP_BOOTLOADER,
+        layout::ESP_KERNEL,
+        layout::ESP_INITRAMFS,
+        layout::ESP_LOADER_CONF,
+    ] {
         if fat.read(required)?.is_none() {
             bail!("the ESP has no {required}: not an mkappliance image");
         }
@@ -81,7 +97,8 @@ pub fn read_report(path: &std::path::Path) -> Result<Report> {
         .with_context(|| format!("the ESP has no {}", layout::ESP_ENTRY))?;
     let boot_entry = String::from_utf8(boot_entry).context("the boot entry is not UTF-8")?;
 
-    let ext = rootfs::Ext4Image::open(file, root_part.offset(), root_part.size()).context("reading the rootfs")?;
+    let ext = rootfs::Ext4Image::open(file, root_part.offset(), root_part.size())
+        .context("reading the rootfs")?;
     let toml = ext
         .read(layout::APPLIANCE_TOML)
         .with_context(|| format!("the rootfs has no readable /{}", layout::APPLIANCE_TOML))?;
@@ -93,7 +110,12 @@ pub fn read_report(path: &std::path::Path) -> Result<Report> {
         } else {
             Some(sha256_hex(&ext.read(&p)?))
         };
-        rootfs_files.push(FileInfo { path: p, size, sha256 });
+        rootfs_files.push(FileInfo {
+            path: p,
+            is_dir,
+            size,
+            sha256,
+        });
     }
     let mut required = vec![
         layout::TFTP_IPXE.to_string(),
@@ -140,10 +162,20 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     }
     let c = &r.config;
     println!("{}: mkappliance image", args.image.display());
-    println!("  Talos {} (bootstrap {})", c.talos_version, c.bootstrap_version);
+    println!(
+        "  Talos {} (bootstrap {})",
+        c.talos_version, c.bootstrap_version
+    );
     println!("  node  {} → {}", c.minipc_mac, c.network.minipc_ip);
-    println!("  appliance {} (config {})", c.network.appliance, c.config_url());
-    println!("  boot-once {}, talosconfig served {}", c.boot_once, c.serve_talosconfig);
+    println!(
+        "  appliance {} (config {})",
+        c.network.appliance,
+        c.config_url()
+    );
+    println!(
+        "  boot-once {}, talosconfig served {}",
+        c.boot_once, c.serve_talosconfig
+    );
     println!("Partitions (disk {}):", r.disk_guid);
     for p in &r.partitions {
         println!(
@@ -158,12 +190,15 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     for l in r.boot_entry.lines() {
         println!("  {l}");
     }
-    for (label, files) in [(format!("ESP ({})", r.esp_label), &r.esp_files), (format!("rootfs ({})", r.rootfs_label), &r.rootfs_files)] {
+    for (label, files) in [
+        (format!("ESP ({})", r.esp_label), &r.esp_files),
+        (format!("rootfs ({})", r.rootfs_label), &r.rootfs_files),
+    ] {
         println!("{label}:");
         for f in files {
             match &f.sha256 {
                 Some(h) => println!("  {:>10}  {}  /{}", f.size, &h[..16], f.path),
-                None if f.size == 0 || f.path.ends_with('/') => println!("  {:>10}  {:16}  /{}", "", "", f.path),
+                None if f.is_dir => println!("  {:>10}  {:16}  /{}/", "", "", f.path),
                 None => println!("  {:>10}  {:16}  /{}", f.size, "(redacted)", f.path),
             }
         }

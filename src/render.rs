@@ -71,14 +71,23 @@ impl Renderer {
                 .with_context(|| format!("parsing template {name}"))?;
         }
         if let Some(dir) = override_dir {
-            anyhow::ensure!(dir.is_dir(), "--templates {}: not a directory", dir.display());
+            anyhow::ensure!(
+                dir.is_dir(),
+                "--templates {}: not a directory",
+                dir.display()
+            );
         }
         Ok(Renderer { env })
     }
 
     /// Render template `name` for `cfg`; `appliance_kernel_args` is the appliance's own
     /// kernel command line (for the systemd-boot entry).
-    pub fn render(&self, name: &str, cfg: &ApplianceConfig, appliance_kernel_args: &str) -> Result<String> {
+    pub fn render(
+        &self,
+        name: &str,
+        cfg: &ApplianceConfig,
+        appliance_kernel_args: &str,
+    ) -> Result<String> {
         let n = &cfg.network;
         let ctx = TemplateContext {
             mkappliance_version: env!("CARGO_PKG_VERSION"),

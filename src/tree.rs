@@ -21,7 +21,11 @@ pub enum Content {
     /// A file on disk, streamed when the image is written; `len` is checked then.
     Path { path: PathBuf, len: u64 },
     /// A byte range of a file on disk (a file inside an ISO, streamed without copying).
-    Range { path: PathBuf, offset: u64, len: u64 },
+    Range {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl Content {
@@ -50,9 +54,9 @@ impl Content {
     }
 
     /// Open a reader that yields exactly `len()` bytes (callers should still use `take`).
-    pub fn open(&self) -> Result<Box<dyn Read + '_>> {
+    pub fn open(&self) -> Result<Box<dyn Read + Send + 'static>> {
         match self {
-            Content::Bytes(b) => Ok(Box::new(Cursor::new(b.as_slice()))),
+            Content::Bytes(b) => Ok(Box::new(Cursor::new(SharedBytes(b.clone())))),
             Content::Path { path, .. } => {
                 let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
                 Ok(Box::new(f))
@@ -73,6 +77,15 @@ impl Content {
         let mut v = Vec::with_capacity(self.len() as usize);
         self.open()?.read_to_end(&mut v)?;
         Ok(v)
+    }
+}
+
+/// `Arc<Vec<u8>>` as a byte slice, so a reader over it owns what it reads.
+struct SharedBytes(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for SharedBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
     }
 }
 

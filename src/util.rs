@@ -54,7 +54,10 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     pub fn create(dest: &Path) -> Result<AtomicFile> {
-        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let name = dest
             .file_name()
             .with_context(|| format!("{} has no file name", dest.display()))?;
@@ -109,8 +112,9 @@ impl AtomicFile {
         file.sync_all()
             .with_context(|| format!("syncing {}", self.tmp.display()))?;
         drop(file);
-        std::fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.dest.display()))?;
+        std::fs::rename(&self.tmp, &self.dest).with_context(|| {
+            format!("renaming {} to {}", self.tmp.display(), self.dest.display())
+        })?;
         self.disarm();
         Ok(())
     }
@@ -210,7 +214,10 @@ mod tests {
         f.commit().unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"whole");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]

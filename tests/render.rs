@@ -16,12 +16,18 @@ fn sample() -> ApplianceConfig {
         network: Network {
             appliance: "10.10.10.2/24".parse().unwrap(),
             minipc_ip: "10.10.10.100".parse().unwrap(),
-            dhcp_range: ("10.10.10.50".parse().unwrap(), "10.10.10.60".parse().unwrap()),
+            dhcp_range: (
+                "10.10.10.50".parse().unwrap(),
+                "10.10.10.60".parse().unwrap(),
+            ),
             lease_secs: 43200,
             internal_mac: None,
             uplink_mac: None,
         },
-        talos_kernel_args: ApplianceConfig::default_kernel_args("10.10.10.2".parse().unwrap(), Some("talos.dashboard.disabled=1")),
+        talos_kernel_args: ApplianceConfig::default_kernel_args(
+            "10.10.10.2".parse().unwrap(),
+            Some("talos.dashboard.disabled=1"),
+        ),
         boot_files: BootFiles {
             ipxe_efi: "ipxe.efi".into(),
             ipxe_bios: Some("undionly.kpxe".into()),
@@ -33,7 +39,10 @@ fn sample() -> ApplianceConfig {
 }
 
 fn render(name: &str) -> String {
-    Renderer::new(None).unwrap().render(name, &sample(), "console=ttyS0").unwrap()
+    Renderer::new(None)
+        .unwrap()
+        .render(name, &sample(), "console=ttyS0")
+        .unwrap()
 }
 
 #[test]
@@ -42,12 +51,29 @@ fn dnsmasq_conf_passes_dnsmasq_test() {
     let conf = dir.path().join("dnsmasq.conf");
     let text = render(render::DNSMASQ_CONF);
     std::fs::write(&conf, &text).unwrap();
-    let out = Command::new("dnsmasq").arg("--test").arg("-C").arg(&conf).output().expect("run dnsmasq");
+    let out = Command::new("dnsmasq")
+        .arg("--test")
+        .arg("-C")
+        .arg(&conf)
+        .output()
+        .expect("run dnsmasq");
     let msg = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && msg.contains("syntax check OK"), "dnsmasq --test: {msg}");
+    assert!(
+        out.status.success() && msg.contains("syntax check OK"),
+        "dnsmasq --test: {msg}"
+    );
     // A broken line must make the same check fail, so the test can fail.
-    std::fs::write(&conf, format!("{text}\ndhcp-host=not-a-mac-or-anything,,,,\nbogus-option=1\n")).unwrap();
-    let bad = Command::new("dnsmasq").arg("--test").arg("-C").arg(&conf).output().unwrap();
+    std::fs::write(
+        &conf,
+        format!("{text}\ndhcp-host=not-a-mac-or-anything,,,,\nbogus-option=1\n"),
+    )
+    .unwrap();
+    let bad = Command::new("dnsmasq")
+        .arg("--test")
+        .arg("-C")
+        .arg(&conf)
+        .output()
+        .unwrap();
     assert!(!bad.status.success());
     for needle in [
         "dhcp-host=00:11:22:33:44:55,10.10.10.100,",
@@ -61,9 +87,15 @@ fn dnsmasq_conf_passes_dnsmasq_test() {
         "windowsize",
         "boot-once",
     ] {
-        assert!(text.contains(needle), "dnsmasq.conf lacks {needle:?}:\n{text}");
+        assert!(
+            text.contains(needle),
+            "dnsmasq.conf lacks {needle:?}:\n{text}"
+        );
     }
-    assert!(!text.contains("arm64,ipxe-arm64"), "ARM64 boot line rendered without an ARM64 iPXE");
+    assert!(
+        !text.contains("arm64,ipxe-arm64"),
+        "ARM64 boot line rendered without an ARM64 iPXE"
+    );
 }
 
 #[test]
@@ -81,11 +113,31 @@ fn nginx_conf_passes_nginx_t() {
         .arg(&conf)
         .output()
         .expect("run nginx");
-    assert!(out.status.success(), "nginx -t: {}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(&conf, text.replace("autoindex off;", "autoindex off; no_such_directive 1;")).unwrap();
-    let bad = Command::new("nginx").args(["-t", "-q", "-p"]).arg(dir.path()).arg("-c").arg(&conf).output().unwrap();
+    assert!(
+        out.status.success(),
+        "nginx -t: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        &conf,
+        text.replace("autoindex off;", "autoindex off; no_such_directive 1;"),
+    )
+    .unwrap();
+    let bad = Command::new("nginx")
+        .args(["-t", "-q", "-p"])
+        .arg(dir.path())
+        .arg("-c")
+        .arg(&conf)
+        .output()
+        .unwrap();
     assert!(!bad.status.success());
-    for needle in ["listen 10.10.10.2:80;", "root /srv/http;", "allow 10.10.10.100;", "deny all;", "autoindex off;"] {
+    for needle in [
+        "listen 10.10.10.2:80;",
+        "root /srv/http;",
+        "allow 10.10.10.100;",
+        "deny all;",
+        "autoindex off;",
+    ] {
         assert!(text.contains(needle), "nginx.conf lacks {needle:?}");
     }
 }
@@ -94,8 +146,13 @@ fn nginx_conf_passes_nginx_t() {
 fn boot_ipxe_boots_talos_with_the_config_url() {
     let text = render(render::BOOT_IPXE);
     assert!(text.starts_with("#!ipxe\n"));
-    let kernel = text.lines().find(|l| l.starts_with("kernel ")).expect("kernel line");
-    assert!(kernel.starts_with("kernel http://10.10.10.2/talos/v1.11.6/vmlinuz initrd=initramfs.xz "));
+    let kernel = text
+        .lines()
+        .find(|l| l.starts_with("kernel "))
+        .expect("kernel line");
+    assert!(
+        kernel.starts_with("kernel http://10.10.10.2/talos/v1.11.6/vmlinuz initrd=initramfs.xz ")
+    );
     for arg in [
         "talos.platform=metal",
         "console=tty0",
@@ -109,7 +166,10 @@ fn boot_ipxe_boots_talos_with_the_config_url() {
         "talos.config=http://10.10.10.2/configs/minipc.yaml",
         "talos.dashboard.disabled=1",
     ] {
-        assert!(kernel.split(' ').any(|a| a == arg), "kernel line lacks {arg}: {kernel}");
+        assert!(
+            kernel.split(' ').any(|a| a == arg),
+            "kernel line lacks {arg}: {kernel}"
+        );
     }
     assert!(text.contains("\ninitrd http://10.10.10.2/talos/v1.11.6/initramfs.xz\n"));
     assert!(text.trim_end().ends_with("boot"));
@@ -117,13 +177,22 @@ fn boot_ipxe_boots_talos_with_the_config_url() {
 
 #[test]
 fn loader_files_and_overrides() {
-    assert_eq!(render(render::LOADER_CONF), "timeout 0\ndefault appliance.conf\neditor no\n");
+    assert_eq!(
+        render(render::LOADER_CONF),
+        "timeout 0\ndefault appliance.conf\neditor no\n"
+    );
     let entry = render(render::LOADER_ENTRY);
-    assert!(entry.contains("\nlinux /vmlinuz\ninitrd /appliance.img\noptions console=ttyS0\n"), "{entry}");
+    assert!(
+        entry.contains("\nlinux /vmlinuz\ninitrd /appliance.img\noptions console=ttyS0\n"),
+        "{entry}"
+    );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(render::LOADER_CONF), "timeout 5\n").unwrap();
     let r = Renderer::new(Some(dir.path())).unwrap();
-    assert_eq!(r.render(render::LOADER_CONF, &sample(), "").unwrap(), "timeout 5\n");
+    assert_eq!(
+        r.render(render::LOADER_CONF, &sample(), "").unwrap(),
+        "timeout 5\n"
+    );
     // A template with an undefined variable is an error, not an empty string.
     std::fs::write(dir.path().join(render::BOOT_IPXE), "{{ no_such_thing }}").unwrap();
     let r = Renderer::new(Some(dir.path())).unwrap();

@@ -114,7 +114,11 @@ fn entry_bytes(parts: &[Partition]) -> Result<Vec<u8>> {
         e[32..40].copy_from_slice(&p.first_lba.to_le_bytes());
         e[40..48].copy_from_slice(&p.last_lba.to_le_bytes());
         let units: Vec<u16> = p.name.encode_utf16().collect();
-        ensure!(units.len() <= NAME_UNITS, "partition name {:?} too long", p.name);
+        ensure!(
+            units.len() <= NAME_UNITS,
+            "partition name {:?} too long",
+            p.name
+        );
         for (j, u) in units.iter().enumerate() {
             e[56 + 2 * j..58 + 2 * j].copy_from_slice(&u.to_le_bytes());
         }
@@ -163,7 +167,10 @@ fn protective_mbr(total: u64) -> Vec<u8> {
 
 /// Write the protective MBR and both GPT copies to a file of `total_bytes`.
 pub fn write(out: &File, total_bytes: u64, table: &Table) -> Result<()> {
-    ensure!(total_bytes % SECTOR == 0, "disk size is not a multiple of {SECTOR}");
+    ensure!(
+        total_bytes % SECTOR == 0,
+        "disk size is not a multiple of {SECTOR}"
+    );
     let total = total_bytes / SECTOR;
     let (first, last) = usable_range(total);
     for p in &table.partitions {
@@ -193,26 +200,41 @@ pub fn write(out: &File, total_bytes: u64, table: &Table) -> Result<()> {
 
 /// Parse the primary GPT from the first sectors of a disk (at least 34 sectors).
 pub fn parse(disk_start: &[u8]) -> Result<Table> {
-    ensure!(disk_start.len() >= (2 + ENTRY_SECTORS as usize) * SECTOR as usize, "disk too small for a GPT");
+    ensure!(
+        disk_start.len() >= (2 + ENTRY_SECTORS as usize) * SECTOR as usize,
+        "disk too small for a GPT"
+    );
     let h = &disk_start[SECTOR as usize..2 * SECTOR as usize];
     if &h[0..8] != SIGNATURE {
         bail!("no GPT found (missing \"EFI PART\" signature at LBA 1)");
     }
     let hsize = u32::from_le_bytes(h[12..16].try_into()?) as usize;
-    ensure!((92..=SECTOR as usize).contains(&hsize), "GPT header size {hsize} is invalid");
+    ensure!(
+        (92..=SECTOR as usize).contains(&hsize),
+        "GPT header size {hsize} is invalid"
+    );
     let mut hcopy = h[..hsize].to_vec();
     hcopy[16..20].fill(0);
     let want = u32::from_le_bytes(h[16..20].try_into()?);
-    ensure!(crc32fast::hash(&hcopy) == want, "GPT header checksum mismatch");
+    ensure!(
+        crc32fast::hash(&hcopy) == want,
+        "GPT header checksum mismatch"
+    );
     let mut disk_guid = [0u8; 16];
     disk_guid.copy_from_slice(&h[56..72]);
     let entries_lba = u64::from_le_bytes(h[72..80].try_into()?);
     let count = u32::from_le_bytes(h[80..84].try_into()?) as usize;
     let esize = u32::from_le_bytes(h[84..88].try_into()?) as usize;
-    ensure!(esize >= 128 && count <= 1024, "GPT entry array geometry is invalid");
+    ensure!(
+        esize >= 128 && count <= 1024,
+        "GPT entry array geometry is invalid"
+    );
     let start = (entries_lba * SECTOR) as usize;
     let end = start + count * esize;
-    ensure!(end <= disk_start.len(), "GPT entry array lies beyond the data read");
+    ensure!(
+        end <= disk_start.len(),
+        "GPT entry array lies beyond the data read"
+    );
     let array = &disk_start[start..end];
     ensure!(
         crc32fast::hash(array) == u32::from_le_bytes(h[88..92].try_into()?),
@@ -267,7 +289,10 @@ mod tests {
         // The on-disk bytes of the ESP type GUID as the UEFI spec lists them.
         assert_eq!(
             g.0,
-            [0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e, 0xc9, 0x3b]
+            [
+                0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
+                0xc9, 0x3b
+            ]
         );
         assert_eq!(g.to_string(), "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
         assert!(Guid::parse("C12A7328F81F11D2BA4B00A0C93EC93B").is_err());
