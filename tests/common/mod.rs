@@ -37,7 +37,9 @@ pub fn build_cmd(iso: &Path, out: &Path, extra: &[&str]) -> Command {
 }
 
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -59,9 +61,23 @@ pub fn sgdisk_partition(image: &Path, n: u32) -> (u64, u64, String, String) {
             .trim()
             .to_string()
     };
-    let first: u64 = field("First sector:").split_whitespace().next().unwrap().parse().unwrap();
-    let last: u64 = field("Last sector:").split_whitespace().next().unwrap().parse().unwrap();
-    let type_guid = field("Partition GUID code:").split_whitespace().next().unwrap().to_string();
+    let first: u64 = field("First sector:")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let last: u64 = field("Last sector:")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let type_guid = field("Partition GUID code:")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
     let unique = field("Partition unique GUID:").to_string();
     (first * 512, (last + 1 - first) * 512, type_guid, unique)
 }
