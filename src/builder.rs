@@ -305,13 +305,14 @@ impl Steps {
 pub fn build(args: &BuildArgs) -> Result<Summary> {
     let steps = Steps::new(args.quiet || args.json);
     let epoch = util::source_date_epoch()?;
-    let inputs = resolve_inputs(args)?;
     let boot_files = BootFiles {
         ipxe_efi: "ipxe.efi".into(),
         ipxe_bios: args.ipxe_bios.as_ref().map(|_| "undionly.kpxe".into()),
         ipxe_arm64: args.ipxe_arm64.as_ref().map(|_| "ipxe-arm64.efi".into()),
     };
+    // Arguments first (cheap, and the most common mistakes), then the files they name.
     let cfg = config_from_args(args, boot_files)?;
+    let inputs = resolve_inputs(args)?;
     let out_dir = args.out_dir.clone().unwrap_or_else(|| {
         PathBuf::from(format!("artifacts/bootstrap/{}", args.bootstrap_version))
     });

@@ -1,0 +1,228 @@
+//! Bad input: each case exits non-zero with one clear line on stderr and leaves nothing
+//! in the output directory.
+
+mod common;
+#[path = "common/fixture.rs"]
+mod fixture;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// Run a build expected to fail; return its stderr line after checking the invariants.
+fn fails(mut cmd: Command, out: &Path) -> String {
+    let o = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{cmd:?} succeeded; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got:\n{stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    let left: Vec<PathBuf> = std::fs::read_dir(out)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "files left behind after a failed build: {left:?}"
+    );
+    lines[0].to_string()
+}
+
+fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    (tmp, fixture::talos_iso("default"), out)
+}
+
+fn build_with(iso: &Path, out: &Path, extra: &[&str]) -> Command {
+    build_cmd(iso, out, extra)
+}
+
+#[test]
+fn missing_iso_says_where_to_get_it() {
+    let (tmp, _, out) = setup();
+    let e = fails(build_with(&tmp.path().join("nope.iso"), &out, &[]), &out);
+    assert!(
+        e.contains("Talos ISO not found at") && e.contains("nope.iso"),
+        "{e}"
+    );
+    assert!(
+        e.contains("releases/download/v1.11.6/metal-amd64.iso"),
+        "{e}"
+    );
+}
+
+#[test]
+fn iso_without_talos_files() {
+    let (tmp, _, out) = setup();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("boot")).unwrap();
+    std::fs::write(src.join("boot/readme.txt"), "not talos").unwrap();
+    let iso = tmp.path().join("other.iso");
+    run_ok(
+        Command::new("xorriso")
+            .args([
+                "-as",
+                "mkisofs",
+                "-quiet",
+                "-R",
+                "-V",
+                "TALOS_V1_11_6",
+                "-o",
+            ])
+            .arg(&iso)
+            .arg(&src),
+    );
+    let e = fails(build_with(&iso, &out, &[]), &out);
+    assert!(e.contains("has no /boot/vmlinuz"), "{e}");
+}
+
+#[test]
+fn corrupt_and_truncated_isos() {
+    let (tmp, iso, out) = setup();
+    let garbage = tmp.path().join("garbage.iso");
+    std::fs::write(&garbage, vec![0x5a; 1 << 20]).unwrap();
+    let e = fails(build_with(&garbage, &out, &[]), &out);
+    assert!(e.contains("not an ISO9660 image"), "{e}");
+
+    let bytes = std::fs::read(&iso).unwrap();
+    let cut = tmp.path().join("cut.iso");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = fails(build_with(&cut, &out, &[]), &out);
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn version_mismatch() {
+    let (_tmp, iso, out) = setup();
+    let mut cmd = Command::new(bin());
+    cmd.args(["build", "v1.11.5", "x", MAC, "--iso"])
+        .arg(&iso)
+        .arg("--config")
+        .arg(example_config())
+        .arg("--out-dir")
+        .arg(&out);
+    let e = fails(cmd, &out);
+    assert!(e.contains("TALOS_V1_11_6") && e.contains("v1.11.5"), "{e}");
+    let mut cmd = Command::new(bin());
+    cmd.args(["build", "1.11.6", "x", MAC, "--iso"])
+        .arg(&iso)
+        .arg("--out-dir")
+        .arg(&out);
+    assert!(fails(cmd, &out).contains("malformed Talos version"));
+}
+
+#[test]
+fn malformed_mac_and_addresses() {
+    let (_tmp, iso, out) = setup();
+    let mut cmd = Command::new(bin());
+    cmd.args(["build", TALOS, "x", "00:11:22:33:44", "--iso"])
+        .arg(&iso)
+        .arg("--config")
+        .arg(example_config())
+        .arg("--out-dir")
+        .arg(&out);
+    assert!(fails(cmd, &out).contains("malformed MAC address"));
+    for (args, needle) in [
+        (
+            vec!["--minipc-ip", "10.10.20.5"],
+            "not a host address inside 10.10.10.2/24",
+        ),
+        (
+            vec!["--minipc-ip", "10.10.10.2"],
+            "the appliance's own address",
+        ),
+        (vec!["--minipc-ip", "10.10.10.255"], "not a host address"),
+        (vec!["--minipc-ip", "10.10.10"], "invalid --minipc-ip"),
+        (
+            vec!["--appliance-ip", "10.10.10.2"],
+            "expected ADDRESS/PREFIX",
+        ),
+        (
+            vec!["--dhcp-range", "10.10.10.60,10.10.10.50"],
+            "must not be above",
+        ),
+        (
+            vec!["--internal-mac", "zz:11:22:33:44:55"],
+            "invalid --internal-mac",
+        ),
+    ] {
+        let e = fails(build_with(&iso, &out, &args), &out);
+        assert!(e.contains(needle), "{args:?}: {e}");
+    }
+}
+
+#[test]
+fn missing_config() {
+    let (tmp, iso, out) = setup();
+    let mut cmd = Command::new(bin());
+    cmd.args(["build", TALOS, "x", MAC, "--iso"])
+        .arg(&iso)
+        .arg("--config")
+        .arg(tmp.path().join("no.yaml"))
+        .arg("--out-dir")
+        .arg(&out);
+    let e = fails(cmd, &out);
+    assert!(
+        e.contains("machine config not found at") && e.contains("no.yaml"),
+        "{e}"
+    );
+}
+
+/// Run a build inside a private mount namespace whose output directory is a tiny or
+/// read-only tmpfs: a real full / unwritable filesystem without touching the host.
+fn in_small_fs(iso: &Path, out: &Path, mount_opts: &str) -> (bool, String) {
+    let cmd = build_cmd(iso, out, &[]);
+    let args: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect();
+    let script = format!(
+        "mount -t tmpfs -o {mount_opts} tmpfs '{}' && {} ; rc=$?; ls -A '{}' >&2; exit $rc",
+        out.display(),
+        args.join(" "),
+        out.display()
+    );
+    let o = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
+        .env("SOURCE_DATE_EPOCH", EPOCH)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[test]
+fn full_and_read_only_output_directories() {
+    let (_tmp, iso, out) = setup();
+    let (ok, stderr) = in_small_fs(&iso, &out, "size=8m");
+    assert!(!ok, "build into an 8 MiB filesystem succeeded: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.is_empty()).collect();
+    // The error line, then `ls -A` of the directory: nothing.
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains("No space left on device"),
+        "{stderr}"
+    );
+
+    let (ok, stderr) = in_small_fs(&iso, &out, "ro");
+    assert!(!ok, "build into a read-only filesystem succeeded: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains("Read-only file system"), "{stderr}");
+}
+
+#[test]
+fn output_dir_that_is_a_file() {
+    let (tmp, iso, _) = setup();
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let o = build_cmd(&iso, &file, &[]).output().unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("creating output directory"), "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}
