@@ -226,3 +226,39 @@ fn output_dir_that_is_a_file() {
     assert!(e.contains("creating output directory"), "{e}");
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
 }
+
+#[test]
+fn ctrl_c_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let iso = fixture::talos_iso("bench");
+    let mut interrupted = 0;
+    for attempt in 0..5 {
+        let out = tmp.path().join(format!("out{attempt}"));
+        std::fs::create_dir(&out).unwrap();
+        let mut child = build_cmd(&iso, &out, &[]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        // Interrupt as soon as the temporary image exists, i.e. mid-write.
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(30) {
+            let tmp_exists = std::fs::read_dir(&out)
+                .unwrap()
+                .any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp-"));
+            if tmp_exists || child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let o = child.wait_with_output().unwrap();
+        let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+        if o.status.success() {
+            // Finished before the signal landed: a complete image, and nothing else.
+            assert_eq!(left.len(), 2, "{left:?}");
+            continue;
+        }
+        interrupted += 1;
+        assert!(left.is_empty(), "Ctrl-C left {left:?}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"));
+    }
+    assert!(interrupted > 0, "never managed to interrupt a build mid-write");
+}
