@@ -54,3 +54,10 @@ demo: deps fixture-iso
         -drive if=pflash,format=raw,file={{fixtures}}/demo/vars.fd \
         -drive file={{fixtures}}/demo/bootstrap-pxe.raw,if=virtio,format=raw \
         -nic none
+
+# Benchmark the build against `cp` of a Talos-sized ISO (figures go in BENCHMARKS.md)
+bench: deps
+    command -v hyperfine >/dev/null || { sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo; $sudo apt-get install -y -qq hyperfine >/dev/null; }
+    cargo build --locked --release
+    tests/fixtures/make-talos-iso.sh {{fixtures}}/talos-bench.iso --bench
+    bench/build.sh {{fixtures}}/talos-bench.iso

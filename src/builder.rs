@@ -40,8 +40,6 @@ const ROOT_HEADROOM: u64 = 24 << 20;
 const ROOT_SPARE_INODES: u32 = 1024;
 /// Lease handed to the node, as the original appliance did (12 h).
 const LEASE_SECS: u32 = 12 * 3600;
-/// zstd level for our initramfs: the init binary dominates; higher levels cost time.
-const INITRAMFS_ZSTD_LEVEL: i32 = 9;
 
 /// What a build produced, printed as the summary (or JSON with `--json`).
 #[derive(Debug, Serialize)]
@@ -274,6 +272,8 @@ fn derive(seed: &[u8; 32], what: &str) -> [u8; 32] {
 struct Steps {
     bar: indicatif::ProgressBar,
     start: Instant,
+    /// `MKAPPLIANCE_TIMINGS=1` prints how long each step took (for benchmarking).
+    timings: Option<std::cell::RefCell<(Instant, String)>>,
 }
 
 impl Steps {
@@ -289,15 +289,27 @@ impl Steps {
             b.enable_steady_tick(std::time::Duration::from_millis(100));
             b
         };
+        let timings = std::env::var_os("MKAPPLIANCE_TIMINGS")
+            .map(|_| std::cell::RefCell::new((Instant::now(), "checking inputs".to_string())));
         Steps {
             bar,
             start: Instant::now(),
+            timings,
+        }
+    }
+    fn lap(&self, next: &str) {
+        if let Some(t) = &self.timings {
+            let mut t = t.borrow_mut();
+            eprintln!("{:>7.1} ms  {}", t.0.elapsed().as_secs_f64() * 1000.0, t.1);
+            *t = (Instant::now(), next.to_string());
         }
     }
     fn step(&self, msg: &str) {
+        self.lap(msg);
         self.bar.set_message(msg.to_string());
     }
     fn done(&self) {
+        self.lap("");
         self.bar.finish_and_clear();
     }
 }
@@ -366,7 +378,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
             init: &inputs.init,
             modules: &mods,
             mtime: epoch,
-            zstd_level: INITRAMFS_ZSTD_LEVEL,
+            zstd_level: initramfs::DEFAULT_ZSTD_LEVEL,
         },
         &mut appliance_img,
     )
@@ -505,7 +517,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         ],
     };
 
-    steps.step("writing the disk image");
+    steps.step("writing the GPT and the ESP");
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("creating output directory {}", out_dir.display()))?;
     let dest = out_dir.join(IMAGE_NAME);
@@ -527,6 +539,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         },
     )
     .context("writing the ESP")?;
+    steps.step("writing the rootfs");
     let ext_uuid = derive(&seed, "ext4-uuid");
     let ext_hash = derive(&seed, "ext4-hash-seed");
     rootfs::write(

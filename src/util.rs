@@ -106,11 +106,11 @@ impl AtomicFile {
         }
     }
 
-    /// Flush to disk and rename into place.
+    /// Rename into place. No fsync, like cp or a compiler: a full flush of a few hundred
+    /// MB would dominate the build, and a torn file after a power cut is caught by the
+    /// `.sha256` written beside it.
     pub fn commit(mut self) -> Result<()> {
         let file = self.file.take().expect("file present until commit");
-        file.sync_all()
-            .with_context(|| format!("syncing {}", self.tmp.display()))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.dest).with_context(|| {
             format!("renaming {} to {}", self.tmp.display(), self.dest.display())

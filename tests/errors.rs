@@ -235,7 +235,10 @@ fn ctrl_c_leaves_nothing_behind() {
     for attempt in 0..5 {
         let out = tmp.path().join(format!("out{attempt}"));
         std::fs::create_dir(&out).unwrap();
-        let mut child = build_cmd(&iso, &out, &[]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let mut child = build_cmd(&iso, &out, &[])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         // Interrupt as soon as the temporary image exists, i.e. mid-write.
         let start = std::time::Instant::now();
         while start.elapsed() < std::time::Duration::from_secs(30) {
@@ -250,7 +253,10 @@ fn ctrl_c_leaves_nothing_behind() {
         // SAFETY: plain kill(2) of our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         let o = child.wait_with_output().unwrap();
-        let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         if o.status.success() {
             // Finished before the signal landed: a complete image, and nothing else.
             assert_eq!(left.len(), 2, "{left:?}");
@@ -260,5 +266,8 @@ fn ctrl_c_leaves_nothing_behind() {
         assert!(left.is_empty(), "Ctrl-C left {left:?}");
         assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"));
     }
-    assert!(interrupted > 0, "never managed to interrupt a build mid-write");
+    assert!(
+        interrupted > 0,
+        "never managed to interrupt a build mid-write"
+    );
 }

@@ -27,9 +27,9 @@ pub use talos::{decompress, extract_rootfs_sqsh};
 /// of cpio in all:
 ///   level  3: 2.38 MB in  26 ms     level  6: 2.23 MB in  64 ms     level  9: 2.18 MB in  85 ms
 ///   level 12: 2.16 MB in 215 ms     level 15: 2.16 MB in 713 ms     level 19: 1.95 MB in 2.6 s
-/// Past 9 the image hardly shrinks while the time more than doubles; 9 keeps the whole
-/// build well under a second.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 9;
+/// Level 3 costs ~0.2 MB over level 9 but a third of the time, which matters against the
+/// build's time budget (the image is hashed and copied around far more than it is booted).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 /// Directories every appliance initramfs has (mount points and where files go).
 const BASE_DIRS: &[&str] = &["dev", "proc", "sys", "run", "sysroot", "etc", "lib"];
