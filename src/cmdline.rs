@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build the appliance disk image from a Talos ISO and a machine config
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Read a built image back (no root needed) and check it is a valid appliance
     Inspect(InspectArgs),
 }

@@ -373,3 +373,39 @@ fn overlays_and_templates_override() {
         b"#!ipxe\necho custom v1.11.6\n"
     );
 }
+
+#[test]
+fn inspect_rejects_what_is_not_a_complete_appliance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inspect = |p: &Path| Command::new(bin()).arg("inspect").arg(p).output().unwrap();
+
+    let junk = tmp.path().join("junk.raw");
+    std::fs::write(&junk, vec![0u8; 1 << 20]).unwrap();
+    let o = inspect(&junk);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a GPT disk"));
+
+    let image = build(&tmp.path().join("out"), &[]);
+    assert!(inspect(&image).status.success());
+    let text = String::from_utf8(inspect(&image).stdout).unwrap();
+    assert!(
+        text.contains("(redacted)") && text.contains("/srv/http/configs/minipc.yaml"),
+        "{text}"
+    );
+
+    // Remove a served file with the real debugfs: inspect must notice.
+    let (root_off, ..) = sgdisk_partition(&image, 2);
+    run_ok(
+        Command::new("debugfs")
+            .arg("-w")
+            .arg("-R")
+            .arg("rm /srv/tftp/ipxe.efi")
+            .arg(format!("{}?offset={root_off}", image.display())),
+    );
+    let o = inspect(&image);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no /srv/tftp/ipxe.efi"),
+        "{o:?}"
+    );
+}

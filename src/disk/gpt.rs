@@ -168,7 +168,7 @@ fn protective_mbr(total: u64) -> Vec<u8> {
 /// Write the protective MBR and both GPT copies to a file of `total_bytes`.
 pub fn write(out: &File, total_bytes: u64, table: &Table) -> Result<()> {
     ensure!(
-        total_bytes % SECTOR == 0,
+        total_bytes.is_multiple_of(SECTOR),
         "disk size is not a multiple of {SECTOR}"
     );
     let total = total_bytes / SECTOR;
