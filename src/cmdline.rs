@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,6 +27,8 @@ pub enum Command {
     Build(Box<BuildArgs>),
     /// Read a built image back (no root needed) and check it is a valid appliance
     Inspect(InspectArgs),
+    /// Run the appliance's PXE services (DHCP, TFTP, HTTP) on this host
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +124,43 @@ pub struct InspectArgs {
     /// Appliance disk image (.raw)
     pub image: PathBuf,
     /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    group(ArgGroup::new("source").required(true).args(["image", "root"])),
+    after_long_help = "EXAMPLE:\n    \
+    sudo mkappliance serve --image artifacts/bootstrap/2025-12-17/bootstrap-pxe.raw --interface enx00e04c680001\n\n\
+    serves the node plugged into that NIC exactly as the appliance VM would: DHCP (its MAC\n\
+    only, on that interface only), iPXE over TFTP and Talos over HTTP on the appliance\n\
+    address, which is added to the interface when missing. Needs root (ports 67, 69, 80).\n\
+    One line per event on stderr; Ctrl-C stops."
+)]
+pub struct ServeArgs {
+    /// Built appliance image to serve from (read directly: no root needed to read it,
+    /// no loop mount)
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<PathBuf>,
+    /// Unpacked appliance rootfs to serve from (the directory holding srv/ and etc/)
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Network interface on the node's link; DHCP answers only there
+    #[arg(long, short, value_name = "IFACE")]
+    pub interface: String,
+    /// Where the boot-once state lives [default: DIR/var/lib/appliance with --root,
+    /// $XDG_STATE_HOME/mkappliance (or ~/.local/state/mkappliance) with --image]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Where events.log is appended [default: DIR/var/log/appliance with --root, the
+    /// state directory with --image]
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// Re-arm the PXE install: forget that the node fetched its config, then serve
+    #[arg(long)]
+    pub rearm: bool,
+    /// Print events as JSON lines
     #[arg(long)]
     pub json: bool,
 }

@@ -11,6 +11,7 @@ fn main() {
     let result = match cli.command {
         Command::Build(args) => mkappliance::builder::build(&args).map(|_| ()),
         Command::Inspect(args) => mkappliance::inspect::inspect(&args),
+        Command::Serve(args) => mkappliance::appliance::serve::run(&args),
     };
     if let Err(e) = result {
         // One line that reads like a path through the program.

@@ -13,6 +13,8 @@ use serde::Serialize;
 use crate::config::ApplianceConfig;
 
 pub const BOOT_IPXE: &str = "boot.ipxe.j2";
+/// What `/boot.ipxe` becomes for the node once boot-once is armed: exit to the local disk.
+pub const BOOT_LOCAL_IPXE: &str = "boot-local.ipxe.j2";
 pub const DNSMASQ_CONF: &str = "dnsmasq.conf.j2";
 pub const NGINX_CONF: &str = "nginx.conf.j2";
 pub const LOADER_CONF: &str = "loader.conf.j2";
@@ -21,6 +23,10 @@ pub const LOADER_ENTRY: &str = "appliance.conf.j2";
 /// (name, embedded source) of every template.
 pub const EMBEDDED: &[(&str, &str)] = &[
     (BOOT_IPXE, include_str!("../templates/boot.ipxe.j2")),
+    (
+        BOOT_LOCAL_IPXE,
+        include_str!("../templates/boot-local.ipxe.j2"),
+    ),
     (DNSMASQ_CONF, include_str!("../templates/dnsmasq.conf.j2")),
     (NGINX_CONF, include_str!("../templates/nginx.conf.j2")),
     (LOADER_CONF, include_str!("../templates/loader.conf.j2")),

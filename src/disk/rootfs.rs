@@ -19,6 +19,7 @@
 //! `has_journal` (compat 0x4), `s_journal_inum = 8`, and a copy of the inode's `i_block`
 //! and size in `s_jnl_blocks` with `s_jnl_backup_type = 1`.
 
+mod extents;
 mod geometry;
 mod image;
 mod ondisk;
@@ -29,6 +30,7 @@ use std::fs::File;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub use extents::{FileExtent, FileMap};
 use geometry::Geometry;
 pub use image::Ext4Image;
 use plan::Layout;

@@ -6,6 +6,8 @@ use std::os::unix::fs::FileExt;
 use anyhow::{bail, Context, Result};
 use ext4_view::{Ext4, Ext4Read};
 
+use super::extents::{FileMap, Mapper};
+
 /// A byte range of a file, as `ext4-view` reads it.
 struct Range {
     file: File,
@@ -36,13 +38,29 @@ impl Ext4Read for Range {
 /// An ext4 filesystem opened read-only over a byte range of a file.
 pub struct Ext4Image {
     fs: Ext4,
+    /// The same range again, for [`Ext4Image::file_map`].
+    raw: Range,
 }
 
 impl Ext4Image {
     pub fn open(file: File, offset: u64, size: u64) -> Result<Self> {
+        let raw = Range {
+            file: file
+                .try_clone()
+                .context("duplicating the image file handle")?,
+            offset,
+            size,
+        };
         let fs = Ext4::load(Box::new(Range { file, offset, size }))
             .with_context(|| format!("opening ext4 filesystem at offset {offset}"))?;
-        Ok(Ext4Image { fs })
+        Ok(Ext4Image { fs, raw })
+    }
+
+    /// Where the bytes of the regular file at `path` lie in the image file (offsets count
+    /// from the start of the image, not of the filesystem), so they can be `pread` or
+    /// `sendfile`d directly. Symlinks are not followed.
+    pub fn file_map(&self, path: &str) -> Result<FileMap> {
+        Mapper::new(&self.raw.file, self.raw.offset, self.raw.size)?.file_map(path)
     }
 
     /// All entries, sorted by path: (path without leading '/', is_dir, size). Symlinks are

@@ -1,0 +1,269 @@
+//! The TFTP server: read-only, rooted at `/srv/tftp`, on port 69 of the appliance
+//! address. Each read runs on its own thread and socket ([`transfer`]); writes are
+//! refused, paths that try to leave the root are refused.
+
+pub mod packet;
+pub mod transfer;
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::appliance::events::{lock, Event, EventLog};
+use crate::appliance::served::{clean_path, PathError, ServedTree};
+use crate::layout;
+use packet::{Mode, Request, RequestError};
+use transfer::Source;
+
+pub const PORT: u16 = 69;
+/// Concurrent transfers; beyond this, requests get "server busy".
+const MAX_TRANSFERS: usize = 64;
+/// netascii is converted in memory, so only for files up to this size.
+const MAX_NETASCII: u64 = 4 << 20;
+/// IPv4 + UDP + TFTP headers: a block must fit the link MTU with these.
+const HEADERS: u32 = 20 + 8 + 4;
+const READ_TIMEOUT: Duration = Duration::from_millis(500);
+/// Largest request we read (RFC 2347 says requests fit in 512 bytes; be lenient).
+const MAX_REQUEST: usize = 2048;
+/// Threads need little stack: a block buffer lives on the heap.
+const THREAD_STACK: usize = 256 << 10;
+
+pub struct TftpServer {
+    sock: UdpSocket,
+    ip: Ipv4Addr,
+    max_blksize: u16,
+    tree: Arc<ServedTree>,
+    events: EventLog,
+    active: Arc<AtomicUsize>,
+    clients: Arc<Mutex<HashSet<SocketAddr>>>,
+}
+
+/// A UDP socket on `ip:port`, reusable at once after a restart.
+pub fn bind_udp(ip: Ipv4Addr, port: u16) -> Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    let addr: SocketAddr = (ip, port).into();
+    s.bind(&addr.into())
+        .with_context(|| format!("binding UDP {addr}"))?;
+    Ok(s.into())
+}
+
+impl TftpServer {
+    /// Bind port 69 on `ip`; blocks are limited to what fits in `mtu`.
+    pub fn bind(
+        ip: Ipv4Addr,
+        mtu: u32,
+        tree: Arc<ServedTree>,
+        events: &EventLog,
+    ) -> Result<TftpServer> {
+        let sock = bind_udp(ip, PORT)?;
+        sock.set_read_timeout(Some(READ_TIMEOUT))?;
+        let max_blksize = mtu.saturating_sub(HEADERS).clamp(
+            u32::from(packet::DEFAULT_BLKSIZE),
+            u32::from(packet::MAX_BLKSIZE),
+        ) as u16;
+        Ok(TftpServer {
+            sock,
+            ip,
+            max_blksize,
+            tree,
+            events: events.clone(),
+            active: Arc::new(AtomicUsize::new(0)),
+            clients: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    pub fn run(self, stop: Arc<AtomicBool>) {
+        let mut buf = vec![0u8; MAX_REQUEST];
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((n, src)) = self.sock.recv_from(&mut buf) {
+                self.request(&buf[..n], src);
+            }
+        }
+    }
+
+    /// Answer `bytes` to `to` from a fresh socket (a new TID, as for any reply).
+    fn reply(&self, to: SocketAddr, bytes: &[u8]) {
+        if let Ok(s) = bind_udp(self.ip, 0) {
+            let _ = s.send_to(bytes, to);
+        }
+    }
+
+    fn refuse(&self, to: SocketAddr, code: u16, msg: &str, file: &str) {
+        self.reply(to, &packet::error(code, msg));
+        let mut ev = Event::new("tftp-refused")
+            .ip(to.ip())
+            .field("file", file.to_string())
+            .field("reason", msg.to_string());
+        if let Some(m) = self.events.mac_for(to.ip()) {
+            ev = ev.mac(m);
+        }
+        self.events.emit(ev);
+    }
+
+    fn request(&self, data: &[u8], src: SocketAddr) {
+        let req = match Request::parse(data) {
+            Ok(r) => r,
+            Err(RequestError::Malformed) => {
+                // Stray ACKs/ERRORs for finished transfers land here too: no answer.
+                if data.len() >= 2
+                    && matches!(
+                        u16::from_be_bytes([data[0], data[1]]),
+                        packet::ACK | packet::ERROR
+                    )
+                {
+                    return;
+                }
+                return self.refuse(src, packet::ERR_ILLEGAL, "malformed request", "");
+            }
+            Err(RequestError::BadMode(m)) => {
+                return self.refuse(
+                    src,
+                    packet::ERR_ILLEGAL,
+                    &format!("mode {m:?} is not supported"),
+                    "",
+                )
+            }
+        };
+        if req.write {
+            return self.refuse(
+                src,
+                packet::ERR_ACCESS,
+                "read-only server: write requests are refused",
+                &req.filename,
+            );
+        }
+        let rel = match clean_path(&req.filename) {
+            Ok(p) => p,
+            Err(PathError::Traversal) => {
+                return self.refuse(
+                    src,
+                    packet::ERR_ACCESS,
+                    "access violation: path outside the TFTP root",
+                    &req.filename,
+                )
+            }
+            Err(PathError::Empty) => {
+                return self.refuse(src, packet::ERR_NOT_FOUND, "file not found", &req.filename)
+            }
+        };
+        let file = match self.tree.open(&format!("{}/{rel}", layout::TFTP_ROOT)) {
+            Ok(Some(f)) => f,
+            Ok(None) => return self.refuse(src, packet::ERR_NOT_FOUND, "file not found", &rel),
+            Err(e) => {
+                return self.refuse(
+                    src,
+                    packet::ERR_UNDEFINED,
+                    &format!("cannot read the file: {e}"),
+                    &rel,
+                )
+            }
+        };
+        let source = match req.mode {
+            Mode::Octet => Source::File(file),
+            Mode::Netascii if file.len() <= MAX_NETASCII => {
+                let mut raw = vec![0u8; file.len() as usize];
+                match file.read_at(0, &mut raw) {
+                    Ok(n) => {
+                        raw.truncate(n);
+                        Source::Memory(packet::to_netascii(&raw))
+                    }
+                    Err(e) => {
+                        return self.refuse(
+                            src,
+                            packet::ERR_UNDEFINED,
+                            &format!("cannot read the file: {e}"),
+                            &rel,
+                        )
+                    }
+                }
+            }
+            Mode::Netascii => {
+                return self.refuse(
+                    src,
+                    packet::ERR_UNDEFINED,
+                    "netascii is limited to 4 MiB files: use octet",
+                    &rel,
+                )
+            }
+        };
+        // A retransmitted RRQ while its transfer runs: the transfer answers it.
+        if !lock(&self.clients).insert(src) {
+            return;
+        }
+        if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_TRANSFERS {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            lock(&self.clients).remove(&src);
+            return self.refuse(
+                src,
+                packet::ERR_UNDEFINED,
+                "server busy: too many transfers",
+                &rel,
+            );
+        }
+        let opts = req.negotiate(self.max_blksize);
+        let job = Job {
+            ip: self.ip,
+            src,
+            rel,
+            source,
+            opts,
+            events: self.events.clone(),
+            active: self.active.clone(),
+            clients: self.clients.clone(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("tftp-transfer".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || job.run());
+        if spawned.is_err() {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            lock(&self.clients).remove(&src);
+        }
+    }
+}
+
+struct Job {
+    ip: Ipv4Addr,
+    src: SocketAddr,
+    rel: String,
+    source: Source,
+    opts: packet::Negotiated,
+    events: EventLog,
+    active: Arc<AtomicUsize>,
+    clients: Arc<Mutex<HashSet<SocketAddr>>>,
+}
+
+impl Job {
+    fn run(self) {
+        let start = Instant::now();
+        let result = bind_udp(self.ip, 0)
+            .and_then(|s| s.connect(self.src).map(|_| s).context("connecting"))
+            .map_err(|e| transfer::Failure::Io(std::io::Error::other(format!("{e:#}"))))
+            .and_then(|s| transfer::send(&s, &self.source, &self.opts));
+        let mut ev = match &result {
+            Ok(bytes) => Event::new("tftp-sent").field("bytes", *bytes),
+            Err(e) => Event::new("tftp-failed").field("error", e.to_string()),
+        };
+        ev = ev
+            .ip(self.src.ip())
+            .field("file", self.rel.clone())
+            .field("ms", start.elapsed().as_millis() as u64)
+            .field(
+                "blksize",
+                self.opts.blksize.unwrap_or(packet::DEFAULT_BLKSIZE),
+            )
+            .field("windowsize", self.opts.windowsize.unwrap_or(1));
+        if let Some(m) = self.events.mac_for(self.src.ip()) {
+            ev = ev.mac(m);
+        }
+        self.events.emit(ev);
+        lock(&self.clients).remove(&self.src);
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
