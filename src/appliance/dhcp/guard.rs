@@ -19,9 +19,9 @@ use crate::appliance::netif::Iface;
 
 pub const CLIENT_PORT: u16 = 68;
 pub const SERVER_PORT: u16 = 67;
-/// How long a probe collects answers. ISC dhcpd pings an address for 1 s before it
-/// offers it, so give slow servers twice that.
-pub const PROBE_WINDOW: Duration = Duration::from_secs(2);
+/// How long a probe collects answers. Servers ping an address before offering it
+/// (dnsmasq, so many home routers, waits 3 s; ISC dhcpd 1 s): outlast that.
+pub const PROBE_WINDOW: Duration = Duration::from_secs(4);
 const PROBE_EVERY_SERVING: Duration = Duration::from_secs(60);
 const PROBE_EVERY_STANDING: Duration = Duration::from_secs(10);
 /// After the last foreign answer, how long the link must stay quiet before we serve.
