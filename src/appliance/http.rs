@@ -31,6 +31,9 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(65);
 /// A client that stops reading for this long is dropped.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 const ACCEPT_POLL_MS: i32 = 500;
+/// How long, and how much, a closing connection drains what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_MAX_BYTES: usize = 1 << 20;
 const THREAD_STACK: usize = 256 << 10;
 /// The node's machine config: a complete 200 of it arms boot-once.
 const CONFIG_PATH: &str = "configs/minipc.yaml";
@@ -220,10 +223,9 @@ fn connection(site: &Site, mut stream: TcpStream, peer: SocketAddr) {
             Ok(Some(end)) => end,
             Ok(None) => return,
             Err(status) => {
-                let r = Response::error(status);
-                let _ = send(&stream, &r, false, false);
+                let _ = send(&stream, &Response::error(status), false, false);
                 log(site, peer, "-", "-", status, 0, Duration::ZERO);
-                return;
+                return linger(stream);
             }
         };
         let started = Instant::now();
@@ -234,18 +236,23 @@ fn connection(site: &Site, mut stream: TcpStream, peer: SocketAddr) {
             Err(status) => {
                 let _ = send(&stream, &Response::error(status), false, false);
                 log(site, peer, "-", "-", status, 0, started.elapsed());
-                return;
+                return linger(stream);
             }
         };
-        let keep = req.keep_alive() && !req.has_body();
         let resp = if req.has_body() {
             Response::error(400)
         } else {
             route(site, &req, peer.ip())
         };
+        // After a malformed request, nothing that follows on the connection is trusted.
+        let keep = req.keep_alive() && !matches!(resp.status, 400 | 405 | 431 | 500 | 505);
         let head_only = req.method == Method::Head;
         let sent = send(&stream, &resp, keep, head_only);
-        let method = if head_only { "HEAD" } else { "GET" };
+        let method = match req.method {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Other => "other",
+        };
         let path = req.target.split('?').next().unwrap_or("").to_string();
         let bytes = *sent.as_ref().unwrap_or(&0);
         log(
@@ -262,8 +269,27 @@ fn connection(site: &Site, mut stream: TcpStream, peer: SocketAddr) {
         {
             config_fetched(site, peer.ip(), bytes);
         }
-        if !keep || sent.is_err() {
+        if sent.is_err() {
             return;
+        }
+        if !keep {
+            return linger(stream);
+        }
+    }
+}
+
+/// Close after a response the client may still be sending into (an oversized head, a
+/// body): half-close, then drain briefly, so the kernel does not answer the unread bytes
+/// with a reset that destroys the response before the client reads it.
+fn linger(mut stream: TcpStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(LINGER));
+    let mut sink = [0u8; 16 * 1024];
+    let mut left = LINGER_MAX_BYTES;
+    while left > 0 {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
         }
     }
 }
