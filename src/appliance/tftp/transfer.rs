@@ -28,6 +28,10 @@ impl Source {
         }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Source::File(f) => f.read_at(pos, buf),
