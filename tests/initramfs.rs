@@ -13,6 +13,9 @@ use mkappliance::initramfs::{
     InitramfsSpec, Module, ModuleSet, APPLIANCE_MODULES,
 };
 
+#[path = "common/fixture.rs"]
+mod fixture;
+
 const MTIME: u32 = 1_700_000_000;
 
 fn tempdir() -> tempfile::TempDir {
@@ -437,78 +440,48 @@ fn select_modules_needs_exactly_one_kernel() {
     assert!(select_modules(fs::File::open(&not_sqsh).unwrap(), &["x"]).is_err());
 }
 
-/// Debian's cloud kernel, extracted once into the fixture cache, with modules.dep made by
-/// the real depmod. Layout like Talos: modules in usr/lib/modules, `lib` -> `usr/lib`.
+/// Debian's cloud kernel modules (fetched once by the fixture script), laid out like Talos
+/// (`usr/lib/modules`, `lib` -> `usr/lib`) with modules.dep made by the real depmod.
 /// Returns (root, kver).
 fn debian_cloud_kernel() -> (PathBuf, String) {
-    let cache = std::env::var_os("MKAPPLIANCE_FIXTURE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".fixtures"));
-    fs::create_dir_all(&cache).unwrap();
-    let depends = Command::new("apt-cache")
-        .args(["depends", "linux-image-cloud-amd64"])
-        .output()
-        .unwrap();
-    let pkg = String::from_utf8_lossy(&depends.stdout)
-        .split_whitespace()
-        .find(|w| {
-            w.starts_with("linux-image-")
-                && w.ends_with("-cloud-amd64")
-                && *w != "linux-image-cloud-amd64"
-        })
-        .map(str::to_string);
-    let pkg = match pkg {
-        Some(p) => p,
-        // Offline or no apt lists: fall back to whatever an earlier run cached.
-        None => fs::read_dir(&cache)
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .find(|n| n.starts_with("linux-image-") && n.ends_with("-cloud-amd64"))
-            .expect("linux-image-cloud-amd64 is unknown to apt (run apt-get update) and nothing is cached"),
-    };
-    let root = cache.join(&pkg);
+    let inputs = fixture::inputs();
+    let root = fixture::cache_dir().join(format!("depmod-{}", inputs.kver));
     if !root.join("usr/lib/modules").is_dir() {
         // Unique scratch name: several test processes may fill the cache at once.
-        let work = cache.join(format!("{pkg}.partial-{}", std::process::id()));
+        let work = fixture::cache_dir().join(format!(
+            "depmod-{}.partial-{}",
+            inputs.kver,
+            std::process::id()
+        ));
         let _ = fs::remove_dir_all(&work);
-        fs::create_dir_all(work.join("deb")).unwrap();
+        fs::create_dir_all(work.join("usr/lib/modules")).unwrap();
         run(
-            Command::new("apt-get")
-                .args(["download", "-q", &pkg])
-                .current_dir(work.join("deb")),
+            Command::new("cp")
+                .arg("-a")
+                .arg(&inputs.modules)
+                .arg(work.join("usr/lib/modules").join(&inputs.kver)),
             b"",
         );
-        let deb = fs::read_dir(work.join("deb"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let tree = work.join("root");
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree), b"");
-        if tree.join("lib/modules").is_dir() && !tree.join("lib").is_symlink() {
-            fs::create_dir_all(tree.join("usr/lib")).unwrap();
-            fs::rename(tree.join("lib/modules"), tree.join("usr/lib/modules")).unwrap();
-            fs::remove_dir(tree.join("lib")).unwrap();
-        }
-        if !tree.join("lib").exists() {
-            std::os::unix::fs::symlink("usr/lib", tree.join("lib")).unwrap();
-        }
-        let kver = only_kver(&tree);
+        std::os::unix::fs::symlink("usr/lib", work.join("lib")).unwrap();
         // Debian makes modules.dep at install time; so do we, with the real depmod.
-        run(Command::new("depmod").arg("-b").arg(&tree).arg(&kver), b"");
+        run(
+            Command::new("depmod")
+                .arg("-b")
+                .arg(&work)
+                .arg(&inputs.kver),
+            b"",
+        );
         // Whoever renames first wins; a loser's copy is identical and simply dropped.
-        if fs::rename(&tree, &root).is_err() {
+        if fs::rename(&work, &root).is_err() {
             assert!(
                 root.join("usr/lib/modules").is_dir(),
                 "could not populate {}",
                 root.display()
             );
+            fs::remove_dir_all(&work).unwrap();
         }
-        fs::remove_dir_all(&work).unwrap();
     }
-    let kver = only_kver(&root);
-    (root, kver)
+    (root.clone(), only_kver(&root))
 }
 
 fn only_kver(root: &Path) -> String {
