@@ -149,7 +149,7 @@ pub fn parse_header(sector: &[u8]) -> Result<GptHeader> {
     };
     let entry_size = header.entry_size as usize;
     ensure!(
-        entry_size >= GPT_MIN_ENTRY_SIZE && entry_size % 8 == 0,
+        entry_size >= GPT_MIN_ENTRY_SIZE && entry_size.is_multiple_of(8),
         "GPT entry size {entry_size} is invalid"
     );
     ensure!(
@@ -279,7 +279,9 @@ pub fn scan_block_devices(sys_block: &Path, dev_dir: &Path, guid: &Guid) -> Resu
                 if sys_block.join(&partition).exists() && dev_dir.join(&partition).exists() {
                     return Ok(Scan::Found { disk, partition });
                 }
-                seen.push(format!("{disk}: has it as {partition}, device not there yet"));
+                seen.push(format!(
+                    "{disk}: has it as {partition}, device not there yet"
+                ));
             }
             None => seen.push(format!("{disk}: GPT with {} partitions", parts.len())),
         }
@@ -298,7 +300,10 @@ mod tests {
     const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 
     fn sgdisk(args: &[&str]) -> String {
-        let out = Command::new("sgdisk").args(args).output().expect("running sgdisk");
+        let out = Command::new("sgdisk")
+            .args(args)
+            .output()
+            .expect("running sgdisk");
         assert!(
             out.status.success(),
             "sgdisk {args:?} failed: {}",
@@ -356,14 +361,16 @@ mod tests {
         assert_eq!(
             g.0,
             [
-                0x67, 0x45, 0x23, 0x01, 0xAB, 0x89, 0xEF, 0xCD, 0x01, 0x23, 0x45, 0x67, 0x89,
-                0xAB, 0xCD, 0xEF
+                0x67, 0x45, 0x23, 0x01, 0xAB, 0x89, 0xEF, 0xCD, 0x01, 0x23, 0x45, 0x67, 0x89, 0xAB,
+                0xCD, 0xEF
             ]
         );
         assert_eq!(g.to_string(), "01234567-89AB-CDEF-0123-456789ABCDEF");
         assert!("01234567-89ab-cdef-0123".parse::<Guid>().is_err());
         assert!("0123456789abcdef0123456789abcdef".parse::<Guid>().is_err());
-        assert!("0123456Z-89ab-cdef-0123-456789abcdef".parse::<Guid>().is_err());
+        assert!("0123456Z-89ab-cdef-0123-456789abcdef"
+            .parse::<Guid>()
+            .is_err());
     }
 
     #[test]
@@ -410,8 +417,8 @@ mod tests {
         assert_eq!(
             &raw[off..off + 16],
             &[
-                0x67, 0x45, 0x23, 0x01, 0xAB, 0x89, 0xEF, 0xCD, 0x01, 0x23, 0x45, 0x67, 0x89,
-                0xAB, 0xCD, 0xEF
+                0x67, 0x45, 0x23, 0x01, 0xAB, 0x89, 0xEF, 0xCD, 0x01, 0x23, 0x45, 0x67, 0x89, 0xAB,
+                0xCD, 0xEF
             ]
         );
         let parts = read_gpt(&mut File::open(&path).unwrap(), 512).unwrap();
@@ -433,7 +440,10 @@ mod tests {
         let mut raw = std::fs::read(&path).unwrap();
         raw[512 + 60] ^= 0xff; // inside the disk GUID: header CRC must catch it
         let err = read_gpt(&mut std::io::Cursor::new(&raw), 512).unwrap_err();
-        assert!(format!("{err:#}").contains("header CRC mismatch"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("header CRC mismatch"),
+            "{err:#}"
+        );
 
         let mut raw = std::fs::read(&path).unwrap();
         raw[2 * 512 + 128 + 20] ^= 0xff; // inside entry 2: entry array CRC must catch it
@@ -442,7 +452,10 @@ mod tests {
 
         // Too short to hold LBA 1 at all.
         let err = read_gpt(&mut std::io::Cursor::new(vec![0u8; 700]), 512).unwrap_err();
-        assert!(format!("{err:#}").contains("reading the GPT header"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("reading the GPT header"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -153,8 +153,8 @@ impl std::fmt::Display for Facts {
 fn boot(consoles: &Consoles, kver: &str) -> Result<Facts> {
     let modules = load_modules(&Path::new("/").join(INITRD_MODULES_ORDER), consoles)
         .context("loading kernel modules")?;
-    let cmdline = std::fs::read_to_string(PROC_CMDLINE)
-        .with_context(|| format!("reading {PROC_CMDLINE}"))?;
+    let cmdline =
+        std::fs::read_to_string(PROC_CMDLINE).with_context(|| format!("reading {PROC_CMDLINE}"))?;
     let guid = root_guid_from_cmdline(&cmdline)?;
     let start = Instant::now();
     let root = wait_for_root(&guid, ROOT_WAIT)?;
@@ -163,7 +163,9 @@ fn boot(consoles: &Consoles, kver: &str) -> Result<Facts> {
         start.elapsed().as_millis()
     ));
     mount_root(&root)?;
-    consoles.line(&format!("root: mounted {root} on {SYSROOT} ({ROOT_FSTYPE}, rw)"));
+    consoles.line(&format!(
+        "root: mounted {root} on {SYSROOT} ({ROOT_FSTYPE}, rw)"
+    ));
     Ok(Facts {
         root,
         modules: modules.loaded + modules.already,
@@ -205,7 +207,8 @@ fn mount(
     flags: libc::c_ulong,
     data: &str,
 ) -> io::Result<()> {
-    let cstr = |s: &str| CString::new(s).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
+    let cstr =
+        |s: &str| CString::new(s).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
     let (source, target, fstype, data) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
     let rc = unsafe {
@@ -472,13 +475,20 @@ impl SignalFd {
         unsafe {
             let mut info: libc::signalfd_siginfo = std::mem::zeroed();
             let size = std::mem::size_of::<libc::signalfd_siginfo>();
-            let n = libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size);
+            let n = libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            );
             if n == size as isize {
                 Ok(info.ssi_signo)
             } else if n < 0 {
                 Err(io::Error::last_os_error())
             } else {
-                Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short signalfd read"))
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "short signalfd read",
+                ))
             }
         }
     }
@@ -636,13 +646,19 @@ mod tests {
     #[test]
     fn rejects_missing_or_malformed_root() {
         let err = root_guid_from_cmdline("console=ttyS0 root=/dev/vda2").unwrap_err();
-        assert!(format!("{err:#}").contains("no mkappliance.root="), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("no mkappliance.root="),
+            "{err:#}"
+        );
         // A look-alike parameter must not match.
         let err = root_guid_from_cmdline(
             "xmkappliance.root=PARTUUID=00000000-0000-0000-0000-000000000001",
         )
         .unwrap_err();
-        assert!(format!("{err:#}").contains("no mkappliance.root="), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("no mkappliance.root="),
+            "{err:#}"
+        );
         let err = root_guid_from_cmdline("mkappliance.root=/dev/vda2").unwrap_err();
         assert!(format!("{err:#}").contains("not of the form"), "{err:#}");
         let err = root_guid_from_cmdline("mkappliance.root=PARTUUID=1234").unwrap_err();
