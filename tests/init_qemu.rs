@@ -1,8 +1,8 @@
 //! The appliance init, proven in a real VM: Debian's cloud kernel boots a hand-made
 //! initramfs (real `cpio` + `zstd`) whose `/init` is our binary, with a virtio disk whose
 //! GPT (made by `sgdisk`) holds an ext4 root (made by `mkfs.ext4`). The serial console
-//! must show the ready line; Ctrl-Alt-Del must power the VM off with the root cleanly
-//! unmounted (judged by `dumpe2fs`); a GUID that matches nothing must give
+//! must show the ready line; Ctrl-Alt-Del and the ACPI power button must power the VM
+//! off with the root cleanly unmounted (judged by `dumpe2fs`); a GUID that matches nothing must give
 //! `MKAPPLIANCE-ERROR` and a live PID 1, not a kernel panic.
 //!
 //! The kernel comes from `apt-get download`, cached in `$MKAPPLIANCE_FIXTURE_CACHE`
@@ -22,12 +22,14 @@ use tempfile::TempDir;
 const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// Modules a virtio-blk + ext4 root needs on that kernel (ext4 is built in there).
 /// `virtio_pci` is the bus driver: nothing depends on it, so it must be named.
+/// `button` is the ACPI power button (built into the Talos kernel, a module here).
 const NEEDED_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_pci_modern_dev",
     "virtio_pci_legacy_dev",
     "virtio_blk",
     "ext4",
+    "button",
 ];
 /// The x86-64 root partition type of the Discoverable Partitions Specification.
 const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
@@ -431,10 +433,19 @@ impl Vm {
         }
     }
 
-    /// Press Ctrl-Alt-Del on the VM's PS/2 keyboard through the QEMU monitor.
+    /// Press Ctrl-Alt-Del on the VM's PS/2 keyboard.
     fn ctrl_alt_del(&self) {
+        self.monitor_command("sendkey ctrl-alt-delete");
+    }
+
+    /// Press the VM's ACPI power button, as a hypervisor's "shut down" does.
+    fn power_button(&self) {
+        self.monitor_command("system_powerdown");
+    }
+
+    fn monitor_command(&self, command: &str) {
         let mut mon = UnixStream::connect(&self.monitor).expect("connecting to the monitor");
-        mon.write_all(b"sendkey ctrl-alt-delete\n").unwrap();
+        mon.write_all(format!("{command}\n").as_bytes()).unwrap();
         // Wait for the command's prompt echo so the key is sent before we hang up.
         mon.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut seen = Vec::new();
@@ -524,12 +535,13 @@ fn boots_mounts_root_and_powers_off_cleanly() {
         "{console}"
     );
     assert!(!console.contains(ERROR), "{console}");
+    assert!(!console.contains("power button: not watched"), "{console}");
 
     vm.ctrl_alt_del();
     let status = vm.wait_exit(POWEROFF_TIMEOUT);
     let console = vm.console();
     assert!(status.success(), "qemu exited with {status}:\n{console}");
-    assert!(console.contains("powering off"), "{console}");
+    assert!(console.contains("SIGINT: powering off"), "{console}");
     assert_no_panic(&console);
     // Mounted read-write exactly once, and unmounted cleanly before power-off.
     assert_eq!(dumpe2fs_field(&disk, offset, "Mount count"), "1");
@@ -537,6 +549,26 @@ fn boots_mounts_root_and_powers_off_cleanly() {
     // With a journal, "mounted" shows as needs_recovery until a real unmount clears it.
     let features = dumpe2fs_field(&disk, offset, "Filesystem features");
     assert!(features.contains("has_journal"), "{features}");
+    assert!(!features.contains("needs_recovery"), "{features}");
+}
+
+#[test]
+fn acpi_power_button_powers_off_cleanly() {
+    let kernel = kernel();
+    let dir = TempDir::new().unwrap();
+    let (initrd, _) = make_initramfs(dir.path(), kernel, &[]);
+    let (disk, offset) = make_disk(dir.path());
+    let append = format!("console=ttyS0 mkappliance.root=PARTUUID={ROOT_GUID}");
+    let mut vm = Vm::boot(dir.path(), kernel, &initrd, &disk, &append);
+    vm.wait_for_line(READY, READY_TIMEOUT);
+    vm.power_button();
+    let status = vm.wait_exit(POWEROFF_TIMEOUT);
+    let console = vm.console();
+    assert!(status.success(), "qemu exited with {status}:\n{console}");
+    assert!(console.contains("power button: powering off"), "{console}");
+    assert_no_panic(&console);
+    assert_eq!(dumpe2fs_field(&disk, offset, "Mount count"), "1");
+    let features = dumpe2fs_field(&disk, offset, "Filesystem features");
     assert!(!features.contains("needs_recovery"), "{features}");
 }
 
@@ -570,7 +602,7 @@ fn unknown_root_guid_reports_error_and_stays_alive() {
     let status = vm.wait_exit(POWEROFF_TIMEOUT);
     let console = vm.console();
     assert!(status.success(), "qemu exited with {status}:\n{console}");
-    assert!(console.contains("powering off"), "{console}");
+    assert!(console.contains("SIGINT: powering off"), "{console}");
     assert_no_panic(&console);
     assert_eq!(dumpe2fs_field(&disk, offset, "Mount count"), "0");
 }

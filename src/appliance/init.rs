@@ -4,7 +4,8 @@
 //! mount the pseudo filesystems, load the (signed) modules the Talos kernel keeps out of
 //! its image, find the root partition by the GPT unique GUID named on the command line,
 //! and mount it. Then it tells every console that it is ready (tests wait for that line)
-//! and stays PID 1 forever: reaping orphans and powering off cleanly on request.
+//! and stays PID 1 forever: reaping orphans and powering off cleanly on SIGTERM,
+//! SIGINT (Ctrl-Alt-Del) or an ACPI power-button press.
 //! Failures are printed as `MKAPPLIANCE-ERROR …` and it stays alive, because an exiting
 //! PID 1 is a kernel panic that hides the message an operator needs.
 
@@ -20,6 +21,7 @@ use anyhow::{bail, Context, Result};
 
 use super::console::Consoles;
 use super::gptscan::{scan_block_devices, Guid, Scan};
+use super::powerbutton::PowerButton;
 use crate::layout::{INITRD_MODULES_ORDER, READY_MARKER, ROOT_PARAM, SYSROOT};
 
 /// The line printed (after the marker) when the appliance cannot come up.
@@ -129,7 +131,15 @@ pub fn run() -> ! {
         Ok(facts) => consoles.line(&format!("{READY_MARKER} {facts}")),
         Err(e) => consoles.line(&format!("{ERROR_MARKER} {e:#}")),
     }
-    supervise(&consoles, signals)
+    // The hypervisor's "shut down" presses the ACPI power button.
+    let button = match PowerButton::open() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            consoles.line(&format!("power button: not watched: {e:#}"));
+            None
+        }
+    };
+    supervise(&consoles, signals, button)
 }
 
 /// What the ready line reports.
@@ -508,29 +518,60 @@ fn reap_children() {
 
 /// PID 1's main loop: never returns.
 ///
-/// Events come from the signalfd: SIGCHLD reaps, SIGTERM and SIGINT (Ctrl-Alt-Del, see
-/// RB_DISABLE_CAD) power off.
-// POWER BUTTON: an ACPI power-button press arrives as KEY_POWER on the input device whose
-// name is "Power Button" (/dev/input/event*, needs the `button` and `evdev` drivers).
-// Watching it means polling that fd next to the signalfd and calling `power_off` on a
-// press; until then a hypervisor's "shut down" has no effect.
-fn supervise(consoles: &Consoles, signals: Option<SignalFd>) -> ! {
+/// Events come from the signalfd (SIGCHLD reaps; SIGTERM and SIGINT, which is
+/// Ctrl-Alt-Del thanks to RB_DISABLE_CAD, power off) and from the ACPI power button.
+fn supervise(consoles: &Consoles, signals: Option<SignalFd>, button: Option<PowerButton>) -> ! {
+    let mut fds: Vec<libc::pollfd> = [
+        signals.as_ref().map(|s| s.fd.as_raw_fd()),
+        button.as_ref().map(|b| b.as_raw_fd()),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    })
+    .collect();
     loop {
-        let Some(signals) = &signals else {
-            // Without a signalfd all we can still do is reap, slowly.
+        if fds.is_empty() {
+            // Nothing to wait on: all we can still do is reap, slowly.
             reap_children();
             std::thread::sleep(Duration::from_secs(1));
             continue;
-        };
-        match signals.read() {
-            Ok(sig) if sig == libc::SIGCHLD as u32 => reap_children(),
-            Ok(sig) if sig == libc::SIGTERM as u32 => power_off(consoles, "SIGTERM"),
-            Ok(sig) if sig == libc::SIGINT as u32 => power_off(consoles, "SIGINT"),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                consoles.line(&format!("mkappliance: reading signals: {e}"));
+        }
+        // SAFETY: fds is a valid array of pollfd of the given length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                consoles.line(&format!("mkappliance: poll: {e}"));
                 std::thread::sleep(Duration::from_secs(1));
+            }
+            continue;
+        }
+        for pfd in &fds {
+            if pfd.revents == 0 {
+                continue;
+            }
+            if let Some(s) = signals.as_ref().filter(|s| s.fd.as_raw_fd() == pfd.fd) {
+                match s.read() {
+                    Ok(sig) if sig == libc::SIGCHLD as u32 => reap_children(),
+                    Ok(sig) if sig == libc::SIGTERM as u32 => power_off(consoles, "SIGTERM"),
+                    Ok(sig) if sig == libc::SIGINT as u32 => power_off(consoles, "SIGINT"),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => consoles.line(&format!("mkappliance: reading signals: {e}")),
+                }
+            }
+            if let Some(b) = button.as_ref().filter(|b| b.as_raw_fd() == pfd.fd) {
+                match b.read_events() {
+                    Ok(events) if events.iter().any(|e| e.is_power_button()) => {
+                        power_off(consoles, "power button")
+                    }
+                    Ok(_) => {}
+                    Err(e) => consoles.line(&format!("mkappliance: {e:#}")),
+                }
             }
         }
     }
