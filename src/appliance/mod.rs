@@ -2,9 +2,12 @@
 //!
 //! [`init`] is PID 1 in our initramfs; [`gptscan`] finds the root partition by reading
 //! GPTs itself; [`console`] writes to every console an operator might watch;
-//! [`powerbutton`] hears the ACPI power button.
+//! [`kcmdline`] reads the kernel command line; [`supervise`] is PID 1's loop after
+//! boot and [`powerbutton`] hears the ACPI power button.
 
 pub mod console;
 pub mod gptscan;
 pub mod init;
+pub mod kcmdline;
 pub mod powerbutton;
+pub mod supervise;
