@@ -149,7 +149,7 @@ pub fn parse_header(sector: &[u8]) -> Result<GptHeader> {
     };
     let entry_size = header.entry_size as usize;
     ensure!(
-        entry_size >= GPT_MIN_ENTRY_SIZE && entry_size % 8 == 0,
+        entry_size >= GPT_MIN_ENTRY_SIZE && entry_size.is_multiple_of(8),
         "GPT entry size {entry_size} is invalid"
     );
     ensure!(
