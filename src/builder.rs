@@ -501,6 +501,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         disk_guid,
         partitions: vec![
             gpt::Partition {
+                number: 1,
                 type_guid: gpt::Guid::parse(layout::ESP_TYPE_GUID)?,
                 unique_guid: esp_guid,
                 first_lba: esp_off / SECTOR,
@@ -508,6 +509,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
                 name: layout::ESP_PART_NAME.into(),
             },
             gpt::Partition {
+                number: 2,
                 type_guid: gpt::Guid::parse(layout::ROOT_TYPE_GUID)?,
                 unique_guid: root_guid,
                 first_lba: root_off / SECTOR,

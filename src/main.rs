@@ -3,8 +3,11 @@ use clap::Parser;
 use mkappliance::cmdline::{Cli, Command};
 
 fn main() {
-    // Inside the appliance the kernel starts us as /init with PID 1.
-    if std::process::id() == 1 {
+    // Inside the appliance the kernel starts us as /init (PID 1). Started as `init`
+    // elsewhere, run() refuses rather than mounting over the host's /proc.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let as_init = std::path::Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new("init"));
+    if as_init || std::process::id() == 1 {
         mkappliance::appliance::init::run();
     }
     let cli = Cli::parse();

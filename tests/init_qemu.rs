@@ -5,8 +5,7 @@
 //! off with the root cleanly unmounted (judged by `dumpe2fs`); a GUID that matches nothing must give
 //! `MKAPPLIANCE-ERROR` and a live PID 1, not a kernel panic.
 //!
-//! The kernel comes from `apt-get download`, cached in `$MKAPPLIANCE_FIXTURE_CACHE`
-//! (default `<repo>/.fixtures`).
+//! The kernel is the fixture script's Debian cloud kernel (`tests/common/fixture.rs`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -18,8 +17,10 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+#[path = "common/fixture.rs"]
+mod fixture;
+
 /// Debian's metapackage; its dependency is the versioned kernel package we extract.
-const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// Modules a virtio-blk + ext4 root needs on that kernel (ext4 is built in there).
 /// `virtio_pci` is the bus driver: nothing depends on it, so it must be named.
 /// `button` is the ACPI power button (built into the Talos kernel, a module here).
@@ -66,7 +67,7 @@ struct Kernel {
 
 impl Kernel {
     fn vmlinuz(&self) -> PathBuf {
-        self.root.join(format!("boot/vmlinuz-{}", self.kver))
+        fixture::inputs().kernel.clone()
     }
 
     /// Absolute module paths (inside the tree) for `names` and their dependencies,
@@ -100,90 +101,25 @@ impl Kernel {
     }
 }
 
-fn fixture_cache() -> PathBuf {
-    std::env::var_os("MKAPPLIANCE_FIXTURE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".fixtures"))
-}
-
-/// Download (once) and extract the kernel package that the metapackage depends on.
+/// Debian's cloud kernel from the fixture cache (one download for all tests).
 fn kernel() -> &'static Kernel {
     static KERNEL: OnceLock<Kernel> = OnceLock::new();
     KERNEL.get_or_init(|| {
-        let deps = run(Command::new("apt-cache").args(["depends", KERNEL_META]));
-        let pkg = deps
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("Depends: "))
-            .find(|p| p.starts_with("linux-image-"))
-            .unwrap_or_else(|| {
-                panic!("no kernel dependency of {KERNEL_META} (run apt-get update?):\n{deps}")
-            })
-            .to_string();
-        let cache = fixture_cache().join("debian-kernel");
-        let root = cache.join(&pkg);
-        if !root.join("boot").is_dir() {
-            std::fs::create_dir_all(&cache).unwrap();
-            // Extract next to the final place, then rename: a half-done extraction is
-            // never mistaken for a cached one.
-            let work = tempfile::Builder::new()
-                .prefix(".download-")
-                .tempdir_in(&cache)
-                .unwrap();
-            run(Command::new("apt-get")
-                .args(["download", "-q", &pkg])
-                .current_dir(work.path()));
-            let deb = std::fs::read_dir(work.path())
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .find(|p| p.extension().is_some_and(|e| e == "deb"))
-                .expect("apt-get download left a .deb");
-            let tree = work.path().join("tree");
-            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree));
-            let kver = only_kver(&tree);
-            // The package ships no modules.dep: depmod writes it, as the postinst would.
-            run(Command::new("depmod").arg("-b").arg(&tree).arg(&kver));
-            if let Err(e) = std::fs::rename(&tree, &root) {
-                // Another process may have won the race; theirs is as good as ours.
-                assert!(root.join("boot").is_dir(), "renaming into the cache: {e}");
-            }
-        }
-        let kver = only_kver(&root);
+        let (root, kver) = fixture::depmod_root();
         Kernel { root, kver }
     })
 }
 
-fn only_kver(tree: &Path) -> String {
-    let mut kvers: Vec<String> = std::fs::read_dir(tree.join("lib/modules"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(kvers.len(), 1, "expected one kernel in {}", tree.display());
-    kvers.pop().unwrap()
-}
-
-/// The binary to use as `/init`: the main binary once it dispatches to the appliance
-/// init when started as `init` (it then refuses to run outside PID 1), else the
-/// `appliance_init` example that only calls it.
+/// The binary to use as `/init`: the main binary, which dispatches to the appliance init
+/// when started as `init` (and refuses outside PID 1).
 fn init_binary() -> PathBuf {
     let main = PathBuf::from(env!("CARGO_BIN_EXE_mkappliance"));
     let out = Command::new(&main).arg0("init").output().unwrap();
-    if String::from_utf8_lossy(&out.stderr).contains("refusing to run: not PID 1") {
-        return main;
-    }
-    // <target>/<triple>/debug/deps/init_qemu-<hash> → <target>/<triple>/debug/examples/
-    let exe = std::env::current_exe().unwrap();
-    let example = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("examples/appliance_init");
     assert!(
-        example.is_file(),
-        "{} missing: run plain `cargo test` (it builds examples) or \
-         `cargo build --example appliance_init`",
-        example.display()
+        String::from_utf8_lossy(&out.stderr).contains("refusing to run: not PID 1"),
+        "mkappliance started as `init` did not dispatch to the appliance init: {out:?}"
     );
-    example
+    main
 }
 
 /// One newc cpio header + name (+ no data), padded to 4 bytes.

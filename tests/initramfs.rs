@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{Cursor, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use mkappliance::initramfs::{
@@ -440,59 +440,6 @@ fn select_modules_needs_exactly_one_kernel() {
     assert!(select_modules(fs::File::open(&not_sqsh).unwrap(), &["x"]).is_err());
 }
 
-/// Debian's cloud kernel modules (fetched once by the fixture script), laid out like Talos
-/// (`usr/lib/modules`, `lib` -> `usr/lib`) with modules.dep made by the real depmod.
-/// Returns (root, kver).
-fn debian_cloud_kernel() -> (PathBuf, String) {
-    let inputs = fixture::inputs();
-    let root = fixture::cache_dir().join(format!("depmod-{}", inputs.kver));
-    if !root.join("usr/lib/modules").is_dir() {
-        // Unique scratch name: several test processes may fill the cache at once.
-        let work = fixture::cache_dir().join(format!(
-            "depmod-{}.partial-{}",
-            inputs.kver,
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&work);
-        fs::create_dir_all(work.join("usr/lib/modules")).unwrap();
-        run(
-            Command::new("cp")
-                .arg("-a")
-                .arg(&inputs.modules)
-                .arg(work.join("usr/lib/modules").join(&inputs.kver)),
-            b"",
-        );
-        std::os::unix::fs::symlink("usr/lib", work.join("lib")).unwrap();
-        // Debian makes modules.dep at install time; so do we, with the real depmod.
-        run(
-            Command::new("depmod")
-                .arg("-b")
-                .arg(&work)
-                .arg(&inputs.kver),
-            b"",
-        );
-        // Whoever renames first wins; a loser's copy is identical and simply dropped.
-        if fs::rename(&work, &root).is_err() {
-            assert!(
-                root.join("usr/lib/modules").is_dir(),
-                "could not populate {}",
-                root.display()
-            );
-            fs::remove_dir_all(&work).unwrap();
-        }
-    }
-    (root.clone(), only_kver(&root))
-}
-
-fn only_kver(root: &Path) -> String {
-    let kvers: Vec<String> = fs::read_dir(root.join("usr/lib/modules"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert_eq!(kvers.len(), 1, "{kvers:?}");
-    kvers.into_iter().next().unwrap()
-}
-
 /// What kmod says about a module: Ok(load order of module paths) or Err(builtin/unknown).
 fn modprobe_show_depends(root: &Path, kver: &str, name: &str) -> Result<Vec<String>, String> {
     let out = Command::new("modprobe")
@@ -524,7 +471,7 @@ fn modprobe_show_depends(root: &Path, kver: &str, name: &str) -> Result<Vec<Stri
 
 #[test]
 fn select_modules_agrees_with_kmod_on_debian_cloud_kernel() {
-    let (root, kver) = debian_cloud_kernel();
+    let (root, kver) = fixture::depmod_root();
     let dir = tempdir();
     let sqsh = dir.path().join("rootfs.sqsh");
     mksquashfs(&root, &sqsh);

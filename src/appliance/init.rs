@@ -261,6 +261,8 @@ pub struct ModuleSummary {
     pub loaded: usize,
     /// Already loaded or built in (EEXIST).
     pub already: usize,
+    /// For hardware this machine lacks (ENODEV), e.g. crc32c-intel without SSE4.2.
+    pub no_device: usize,
     pub failed: usize,
 }
 
@@ -318,6 +320,8 @@ fn load_modules(list: &Path, consoles: &Consoles) -> Result<ModuleSummary> {
         match finit_module(path) {
             Ok(()) => summary.loaded += 1,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => summary.already += 1,
+            // Drivers for absent hardware refuse to load; that is not a fault.
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => summary.no_device += 1,
             Err(e) => {
                 summary.failed += 1;
                 consoles.line(&format!("modules: loading {path} failed: {e}"));
@@ -325,9 +329,10 @@ fn load_modules(list: &Path, consoles: &Consoles) -> Result<ModuleSummary> {
         }
     }
     consoles.line(&format!(
-        "modules: {} loaded, {} already present, {} failed in {} ms",
+        "modules: {} loaded, {} already present, {} not for this hardware, {} failed in {} ms",
         summary.loaded,
         summary.already,
+        summary.no_device,
         summary.failed,
         start.elapsed().as_millis()
     ));
