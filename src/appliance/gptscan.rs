@@ -83,52 +83,8 @@ pub fn scan_block_devices(sys_block: &Path, dev_dir: &Path, guid: &Guid) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::process::Command;
+    use crate::disk::gpt::tests::make_image;
     use tempfile::TempDir;
-
-    const IMAGE_MIB: u64 = 16;
-    const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
-
-    fn sgdisk(args: &[&str]) -> String {
-        let out = Command::new("sgdisk")
-            .args(args)
-            .output()
-            .expect("running sgdisk");
-        assert!(
-            out.status.success(),
-            "sgdisk {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// A 16 MiB image with an ESP and a root partition made by sgdisk.
-    fn make_image(dir: &TempDir, root_guid: &str) -> std::path::PathBuf {
-        let path = dir.path().join("disk.img");
-        File::create(&path)
-            .unwrap()
-            .set_len(IMAGE_MIB * 1024 * 1024)
-            .unwrap();
-        let p = path.to_str().unwrap();
-        sgdisk(&[
-            "-n",
-            "1:2048:+4M",
-            "-t",
-            "1:EF00",
-            "-c",
-            "1:EFI",
-            "-n",
-            "2:0:0",
-            "-t",
-            &format!("2:{ROOT_TYPE}"),
-            "-c",
-            "2:appliance-root",
-            "-u",
-            &format!("2:{root_guid}"),
-            p,
-        ]);
-        path
-    }
 
     #[test]
     fn partition_names_follow_the_kernel() {

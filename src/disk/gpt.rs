@@ -363,7 +363,7 @@ pub fn read_gpt<R: Read + Seek>(disk: &mut R, sector_size: u64) -> Result<Table>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::Path;
     use std::process::Command;
@@ -387,7 +387,7 @@ mod tests {
     }
 
     /// A 16 MiB image with an ESP and a root partition made by sgdisk.
-    fn make_image(dir: &TempDir, root_guid: &str) -> std::path::PathBuf {
+    pub(crate) fn make_image(dir: &TempDir, root_guid: &str) -> std::path::PathBuf {
         let path = dir.path().join("disk.img");
         File::create(&path)
             .unwrap()
