@@ -564,11 +564,16 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         use std::os::unix::fs::MetadataExt;
         file.metadata()?.blocks() * 512
     };
-    out.commit()?;
-    util::write_atomic(
-        &out_dir.join(format!("{IMAGE_NAME}.sha256")),
-        format!("{sha256}  {IMAGE_NAME}\n").as_bytes(),
-    )?;
+    // The image and its checksum appear together or not at all, Ctrl-C or not.
+    let sha_path = out_dir.join(format!("{IMAGE_NAME}.sha256"));
+    util::with_signals_blocked(|| -> Result<()> {
+        out.commit()?;
+        util::write_atomic(&sha_path, format!("{sha256}  {IMAGE_NAME}\n").as_bytes()).inspect_err(
+            |_| {
+                let _ = std::fs::remove_file(&dest);
+            },
+        )
+    })?;
     steps.done();
 
     let summary = Summary {

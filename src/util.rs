@@ -138,6 +138,23 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Run `f` with SIGINT and SIGTERM held back, so a Ctrl-C cannot land between the steps
+/// that publish a build's artifacts (it is delivered, and acted on, right after).
+pub fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset_t is initialised by sigemptyset; sigprocmask only changes our mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}
+
 /// Write `data` to `dest` atomically (temp name, 0600, rename).
 pub fn write_atomic(dest: &Path, data: &[u8]) -> Result<()> {
     let f = AtomicFile::create(dest)?;
