@@ -1,0 +1,817 @@
+//! YAML streams in and out of the sops document model.
+//!
+//! Reading uses saphyr-parser for the structure and finds comment lines itself (the
+//! parser drops them), placing each before the item it precedes. Writing reproduces what
+//! `sops -d` prints (gopkg.in/yaml.v3 with an indent of 4): same key order, documents
+//! separated by `---`, multi-line strings as literal block scalars, and the same choice
+//! of plain, single- or double-quoted strings.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use saphyr_parser::{Event, Parser, ScalarStyle, Span};
+
+use super::scalar::{self, resolve_plain, Timestamp};
+use super::tree::{MapItem, Value};
+
+/// yaml.v3's indent as sops configures it.
+const INDENT: usize = 4;
+
+struct Comment {
+    line: usize,
+    col: usize,
+    text: String,
+}
+
+struct Reader<'a> {
+    events: Vec<(Event<'a>, Span)>,
+    pos: usize,
+    comments: Vec<Comment>,
+    next_comment: usize,
+    anchors: HashMap<usize, Value>,
+}
+
+/// Parse a YAML stream into one map per document. Empty documents become empty maps (as
+/// in sops); a document that is a list or a scalar is an error.
+pub fn parse_stream(text: &str) -> Result<Vec<Value>> {
+    let mut events = Vec::new();
+    for ev in Parser::new_from_str(text) {
+        let (ev, span) = ev.map_err(|e| {
+            anyhow::anyhow!(
+                "invalid YAML at line {} column {}: {}",
+                e.marker().line(),
+                e.marker().col() + 1,
+                e.info()
+            )
+        })?;
+        events.push((ev, span));
+    }
+    // Lines inside multi-line scalars are content, not comments.
+    let mut in_scalar = vec![false; text.lines().count() + 2];
+    for (ev, span) in &events {
+        if let Event::Scalar(_, style, ..) = ev {
+            // A block scalar's span starts at its first content line.
+            let first = match style {
+                ScalarStyle::Literal | ScalarStyle::Folded => span.start.line(),
+                _ => span.start.line() + 1,
+            };
+            let last = if span.end.col() == 0 {
+                span.end.line().saturating_sub(1)
+            } else {
+                span.end.line()
+            };
+            for l in first..=last {
+                if let Some(x) = in_scalar.get_mut(l) {
+                    *x = true;
+                }
+            }
+        }
+    }
+    let comments = text
+        .lines()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let body = l.trim_start_matches([' ', '\t']);
+            let text = body.strip_prefix('#')?;
+            (!in_scalar[i + 1]).then(|| Comment {
+                line: i + 1,
+                col: l.len() - body.len(),
+                text: text.to_string(),
+            })
+        })
+        .collect();
+    let mut r = Reader {
+        events,
+        pos: 0,
+        comments,
+        next_comment: 0,
+        anchors: HashMap::new(),
+    };
+    r.stream()
+}
+
+impl<'a> Reader<'a> {
+    fn next(&mut self) -> Result<(Event<'a>, Span)> {
+        let e = self
+            .events
+            .get(self.pos)
+            .cloned()
+            .context("unexpected end of YAML")?;
+        self.pos += 1;
+        Ok(e)
+    }
+
+    /// Comments on lines before `line` (and at or right of `min_col`, if given) not yet placed.
+    fn comments_before(&mut self, line: usize, min_col: Option<usize>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(c) = self.comments.get(self.next_comment) {
+            if c.line >= line || min_col.is_some_and(|m| c.col < m) {
+                break;
+            }
+            out.push(c.text.clone());
+            self.next_comment += 1;
+        }
+        out
+    }
+
+    fn stream(&mut self) -> Result<Vec<Value>> {
+        let mut docs = Vec::new();
+        loop {
+            let (ev, _) = self.next()?;
+            match ev {
+                Event::StreamStart | Event::Nothing => {}
+                Event::DocumentStart(_) => docs.push(self.document(docs.len() + 1)?),
+                Event::StreamEnd => break,
+                other => bail!("unexpected YAML event {other:?}"),
+            }
+        }
+        Ok(docs)
+    }
+
+    fn document(&mut self, n: usize) -> Result<Value> {
+        let (ev, span) = self.next()?;
+        let mut doc = match ev {
+            Event::MappingStart(anchor, _) => self.mapping(anchor)?,
+            Event::Scalar(ref s, ScalarStyle::Plain, _, None) if s.is_empty() || s == "null" => {
+                Value::Map(Vec::new())
+            }
+            Event::SequenceStart(..) => {
+                bail!("YAML document {n} is a list: sops files must be maps at the top")
+            }
+            _ => bail!(
+                "YAML document {n} (line {}) is a single value: sops files must be maps at the top",
+                span.start.line()
+            ),
+        };
+        let (ev, span) = self.next()?;
+        if ev != Event::DocumentEnd {
+            bail!("unexpected YAML event {ev:?} at line {}", span.start.line());
+        }
+        // Comments after the last item belong to the document.
+        let foot = self.comments_before(span.end.line().max(span.start.line() + 1), None);
+        if let Value::Map(items) = &mut doc {
+            items.extend(foot.into_iter().map(MapItem::Comment));
+        }
+        Ok(doc)
+    }
+
+    fn node(&mut self, ev: Event<'a>, span: Span) -> Result<Value> {
+        Ok(match ev {
+            Event::Scalar(s, style, anchor, tag) => {
+                let v = scalar_value(&s, style, tag.as_deref(), span)?;
+                if anchor > 0 {
+                    self.anchors.insert(anchor, v.clone());
+                }
+                v
+            }
+            Event::Alias(id) => self
+                .anchors
+                .get(&id)
+                .cloned()
+                .with_context(|| format!("unknown YAML alias at line {}", span.start.line()))?,
+            Event::MappingStart(anchor, _) => self.mapping(anchor)?,
+            Event::SequenceStart(anchor, _) => self.sequence(anchor)?,
+            other => bail!(
+                "unexpected YAML event {other:?} at line {}",
+                span.start.line()
+            ),
+        })
+    }
+
+    fn mapping(&mut self, anchor: usize) -> Result<Value> {
+        let mut items = Vec::new();
+        let mut item_col = None;
+        loop {
+            let (ev, span) = self.next()?;
+            match ev {
+                Event::MappingEnd => {
+                    let foot = self.comments_before(span.start.line(), item_col);
+                    items.extend(foot.into_iter().map(MapItem::Comment));
+                    break;
+                }
+                Event::Scalar(..) | Event::Alias(_) => {
+                    item_col.get_or_insert(span.start.col());
+                    let head = self.comments_before(span.start.line(), None);
+                    items.extend(head.into_iter().map(MapItem::Comment));
+                    let key = match self.node(ev, span)? {
+                        Value::Str(s) => s,
+                        Value::Null => String::new(),
+                        other => key_text(&other),
+                    };
+                    let (vev, vspan) = self.next()?;
+                    let value = self.node(vev, vspan)?;
+                    items.push(MapItem::Pair(key, value));
+                }
+                _ => bail!(
+                    "unsupported YAML map key (a list or map) at line {}",
+                    span.start.line()
+                ),
+            }
+        }
+        let v = Value::Map(items);
+        if anchor > 0 {
+            self.anchors.insert(anchor, v.clone());
+        }
+        Ok(v)
+    }
+
+    fn sequence(&mut self, anchor: usize) -> Result<Value> {
+        let mut items = Vec::new();
+        let mut item_col = None;
+        loop {
+            let (ev, span) = self.next()?;
+            if ev == Event::SequenceEnd {
+                let foot = self.comments_before(span.start.line(), item_col);
+                items.extend(foot.into_iter().map(Value::Comment));
+                break;
+            }
+            // The dash sits two columns left of an item's content in block style.
+            item_col.get_or_insert(span.start.col().saturating_sub(2));
+            let head = self.comments_before(span.start.line(), None);
+            items.extend(head.into_iter().map(Value::Comment));
+            items.push(self.node(ev, span)?);
+        }
+        let v = Value::Seq(items);
+        if anchor > 0 {
+            self.anchors.insert(anchor, v.clone());
+        }
+        Ok(v)
+    }
+
+}
+
+/// Text of a non-string key, as the YAML source spelled it (sops itself rejects these).
+fn key_text(v: &Value) -> String {
+    match v {
+        Value::Bool(b) => b.to_string(),
+        Value::Int(i) => i.to_string(),
+        Value::Float(f) => scalar::yaml_float(*f),
+        Value::Time(t) => t.rfc3339_nano(),
+        _ => String::new(),
+    }
+}
+
+/// The typed value of a scalar, as yaml.v3 decodes it into an `interface{}`.
+fn scalar_value(
+    s: &str,
+    style: ScalarStyle,
+    tag: Option<&saphyr_parser::Tag>,
+    span: Span,
+) -> Result<Value> {
+    let Some(tag) = tag else {
+        return Ok(if style == ScalarStyle::Plain {
+            resolve_plain(s)
+        } else {
+            Value::Str(s.to_string())
+        });
+    };
+    if !tag.is_yaml_core_schema() {
+        return Ok(Value::Str(s.to_string()));
+    }
+    let bad = || {
+        anyhow::anyhow!(
+            "YAML value {s:?} at line {} does not fit its tag !!{}",
+            span.start.line(),
+            tag.suffix
+        )
+    };
+    Ok(match tag.suffix.as_str() {
+        "str" => Value::Str(s.to_string()),
+        "null" => Value::Null,
+        "bool" => match resolve_plain(s) {
+            v @ Value::Bool(_) => v,
+            _ => return Err(bad()),
+        },
+        "int" => Value::Int(scalar::go_parse_int(&s.replace('_', "")).ok_or_else(bad)?),
+        "float" => match resolve_plain(s) {
+            Value::Float(f) => Value::Float(f),
+            Value::Int(i) => Value::Float(i as f64),
+            _ => return Err(bad()),
+        },
+        "timestamp" => Value::Time(Timestamp::parse(s).ok_or_else(bad)?),
+        "binary" => {
+            let clean: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(clean)
+                .map_err(|_| bad())?;
+            match String::from_utf8(bytes) {
+                Ok(s) => Value::Str(s),
+                Err(e) => Value::Bytes(e.into_bytes()),
+            }
+        }
+        _ => resolve_plain(s),
+    })
+}
+
+// ---- Emitting ----------------------------------------------------------------------
+
+/// Emit documents as `sops -d` prints them.
+pub fn emit_stream(docs: &[Value]) -> String {
+    let mut out = String::new();
+    for (i, doc) in docs.iter().enumerate() {
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        match doc {
+            Value::Map(items) if items.iter().any(|i| matches!(i, MapItem::Pair(..))) => {
+                emit_map(&mut out, items, 0, false)
+            }
+            Value::Map(items) => {
+                for item in items {
+                    if let MapItem::Comment(c) = item {
+                        out.push('#');
+                        out.push_str(c);
+                        out.push('\n');
+                    }
+                }
+                out.push_str("{}\n");
+            }
+            other => emit_scalar(&mut out, other, 0, false),
+        }
+    }
+    out
+}
+
+/// yaml.v3's next block indentation: aligned to multiples of the indent.
+fn deeper(indent: usize) -> usize {
+    INDENT * ((indent + INDENT) / INDENT)
+}
+
+fn pad(out: &mut String, n: usize) {
+    out.extend(std::iter::repeat_n(' ', n));
+}
+
+fn end_line(out: &mut String) {
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+}
+
+fn is_empty_collection(v: &Value) -> Option<&'static str> {
+    match v {
+        Value::Map(items) if !items.iter().any(|i| matches!(i, MapItem::Pair(..))) => Some("{}"),
+        Value::Seq(items) if !items.iter().any(|i| !matches!(i, Value::Comment(_))) => Some("[]"),
+        _ => None,
+    }
+}
+
+/// A block map whose keys sit at column `indent`; with `inline`, the first line is
+/// already positioned (after a list dash).
+fn emit_map(out: &mut String, items: &[MapItem], indent: usize, inline: bool) {
+    let mut first = true;
+    for item in items {
+        if !(first && inline) {
+            pad(out, indent);
+        }
+        match item {
+            MapItem::Comment(c) => {
+                out.push('#');
+                out.push_str(c);
+                out.push('\n');
+                // A comment cannot follow the dash: the next line is a fresh one.
+                if first && inline {
+                    first = false;
+                    continue;
+                }
+            }
+            MapItem::Pair(k, v) => {
+                if k.contains('\n') {
+                    out.push_str("? ");
+                    emit_string(out, k, deeper(indent), false);
+                    end_line(out);
+                    pad(out, indent);
+                    out.push(':');
+                } else {
+                    emit_string(out, k, indent, true);
+                    out.push(':');
+                }
+                emit_value_after_key(out, v, indent);
+            }
+        }
+        first = false;
+    }
+}
+
+fn emit_value_after_key(out: &mut String, v: &Value, indent: usize) {
+    if let Some(empty) = is_empty_collection(v) {
+        out.push(' ');
+        out.push_str(empty);
+        out.push('\n');
+        return;
+    }
+    match v {
+        Value::Map(items) => {
+            out.push('\n');
+            emit_map(out, items, deeper(indent), false);
+        }
+        Value::Seq(items) => {
+            out.push('\n');
+            emit_seq(out, items, deeper(indent), false);
+        }
+        _ => {
+            out.push(' ');
+            emit_scalar(out, v, deeper(indent), false);
+        }
+    }
+}
+
+/// A block list whose dashes sit at column `indent`.
+fn emit_seq(out: &mut String, items: &[Value], indent: usize, inline: bool) {
+    let mut first = true;
+    for item in items {
+        if let Value::Comment(c) = item {
+            if first && inline {
+                // yaml.v3 would hoist it; keep it on its own line.
+                out.push('\n');
+            }
+            pad(out, indent);
+            out.push('#');
+            out.push_str(c);
+            out.push('\n');
+            first = false;
+            continue;
+        }
+        // Comments leading an item map are written before its dash.
+        let (leading, rest): (Vec<&MapItem>, &[MapItem]) = match item {
+            Value::Map(m) => {
+                let n = m
+                    .iter()
+                    .take_while(|i| matches!(i, MapItem::Comment(_)))
+                    .count();
+                (m[..n].iter().collect(), &m[n..])
+            }
+            _ => (Vec::new(), &[]),
+        };
+        for c in leading {
+            if let MapItem::Comment(c) = c {
+                if first && inline {
+                    out.push('\n');
+                }
+                pad(out, indent);
+                out.push('#');
+                out.push_str(c);
+                out.push('\n');
+                first = false;
+            }
+        }
+        if !(first && inline) {
+            pad(out, indent);
+        }
+        out.push_str("- ");
+        if let Some(empty) = is_empty_collection(item) {
+            out.push_str(empty);
+            out.push('\n');
+        } else {
+            match item {
+                Value::Map(_) => emit_map(out, rest, indent + 2, true),
+                Value::Seq(s) => emit_seq(out, s, indent + 2, true),
+                _ => emit_scalar(out, item, indent + 2, false),
+            }
+        }
+        first = false;
+    }
+}
+
+/// A scalar at the current position; block scalar content goes at `indent`.
+fn emit_scalar(out: &mut String, v: &Value, indent: usize, key: bool) {
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Int(i) => out.push_str(&i.to_string()),
+        Value::Float(f) => out.push_str(&scalar::yaml_float(*f)),
+        Value::Time(t) => out.push_str(&t.rfc3339_nano()),
+        Value::Str(s) => emit_string(out, s, indent, key),
+        Value::Bytes(b) => {
+            out.push_str("!!binary ");
+            out.push_str(&base64::engine::general_purpose::STANDARD.encode(b));
+        }
+        Value::Comment(c) => {
+            out.push('#');
+            out.push_str(c);
+        }
+        Value::Map(_) | Value::Seq(_) => unreachable!("collections are emitted by their parent"),
+    }
+    end_line(out);
+}
+
+fn is_break(c: char) -> bool {
+    matches!(c, '\n' | '\r' | '\u{85}' | '\u{2028}' | '\u{2029}')
+}
+
+fn is_blankz(c: Option<char>) -> bool {
+    match c {
+        None => true,
+        Some(c) => c == ' ' || c == '\t' || is_break(c) || c == '\0',
+    }
+}
+
+/// libyaml's notion of printable (yaml.v3 writes everything else escaped).
+fn is_printable(c: char) -> bool {
+    let u = c as u32;
+    u == 0x0A
+        || (0x20..=0x7E).contains(&u)
+        || (0xA0..=0xD7FF).contains(&u)
+        || ((0xE000..=0xFFFD).contains(&u) && u != 0xFEFF)
+}
+
+struct Allowed {
+    block_plain: bool,
+    single: bool,
+    block: bool,
+}
+
+/// yaml.v3's scalar analysis, for the block context sops writes in.
+fn analyze(s: &str) -> Allowed {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.is_empty() {
+        return Allowed {
+            block_plain: true,
+            single: true,
+            block: false,
+        };
+    }
+    let mut block_ind = s.starts_with("---") || s.starts_with("...");
+    let (mut line_breaks, mut special, mut tabs) = (false, false, false);
+    let (mut leading_space, mut leading_break, mut trailing_space, mut trailing_break) =
+        (false, false, false, false);
+    let (mut break_space, mut space_break) = (false, false);
+    let (mut prev_space, mut prev_break) = (false, false);
+    let mut preceded_by_ws = true;
+    let n = chars.len();
+    for i in 0..n {
+        let c = chars[i];
+        let followed_by_ws = is_blankz(chars.get(i + 1).copied());
+        if i == 0 {
+            match c {
+                '#' | ',' | '[' | ']' | '{' | '}' | '&' | '*' | '!' | '|' | '>' | '\'' | '"'
+                | '%' | '@' | '`' => block_ind = true,
+                '?' | ':' if followed_by_ws => block_ind = true,
+                '-' if followed_by_ws => block_ind = true,
+                _ => {}
+            }
+        } else {
+            match c {
+                ':' if followed_by_ws => block_ind = true,
+                '#' if preceded_by_ws => block_ind = true,
+                _ => {}
+            }
+        }
+        if c == '\t' {
+            tabs = true;
+        } else if !is_printable(c) {
+            special = true;
+        }
+        if is_break(c) {
+            line_breaks = true;
+        }
+        if c == ' ' {
+            leading_space |= i == 0;
+            trailing_space |= i == n - 1;
+            break_space |= prev_break;
+            (prev_space, prev_break) = (true, false);
+        } else if is_break(c) {
+            leading_break |= i == 0;
+            trailing_break |= i == n - 1;
+            space_break |= prev_space;
+            (prev_space, prev_break) = (false, true);
+        } else {
+            (prev_space, prev_break) = (false, false);
+        }
+        preceded_by_ws = is_blankz(Some(c));
+    }
+    let mut a = Allowed {
+        block_plain: true,
+        single: true,
+        block: true,
+    };
+    if leading_space || leading_break || trailing_space || trailing_break {
+        a.block_plain = false;
+    }
+    if trailing_space {
+        a.block = false;
+    }
+    if break_space {
+        a.block_plain = false;
+        a.single = false;
+    }
+    if space_break || tabs || special {
+        a.block_plain = false;
+        a.single = false;
+    }
+    if space_break || special {
+        a.block = false;
+    }
+    if line_breaks || block_ind {
+        a.block_plain = false;
+    }
+    a
+}
+
+#[derive(PartialEq)]
+enum Style {
+    Plain,
+    Single,
+    Double,
+    Literal,
+}
+
+fn choose_style(s: &str, key: bool) -> Style {
+    let mut style = if s.contains('\n') {
+        Style::Literal
+    } else if scalar::plain_reads_as_string(s) {
+        Style::Plain
+    } else {
+        Style::Double
+    };
+    let a = analyze(s);
+    if style == Style::Plain && !a.block_plain {
+        style = Style::Single;
+    }
+    if style == Style::Single && !a.single {
+        style = Style::Double;
+    }
+    if style == Style::Literal && (!a.block || key) {
+        style = Style::Double;
+    }
+    style
+}
+
+fn emit_string(out: &mut String, s: &str, indent: usize, key: bool) {
+    if s == "<<" {
+        // yaml.v3 marks a literal "<<" with the merge tag.
+        out.push_str("!!merge <<");
+        return;
+    }
+    match choose_style(s, key) {
+        Style::Plain => out.push_str(s),
+        Style::Single => {
+            out.push('\'');
+            out.push_str(&s.replace('\'', "''"));
+            out.push('\'');
+        }
+        Style::Double => write_double(out, s),
+        Style::Literal => write_literal(out, s, indent),
+    }
+}
+
+fn write_double(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        if !is_printable(c) || c == '\u{FEFF}' || is_break(c) || c == '"' || c == '\\' {
+            match c {
+                '\0' => out.push_str("\\0"),
+                '\x07' => out.push_str("\\a"),
+                '\x08' => out.push_str("\\b"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\x0B' => out.push_str("\\v"),
+                '\x0C' => out.push_str("\\f"),
+                '\r' => out.push_str("\\r"),
+                '\x1B' => out.push_str("\\e"),
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\u{85}' => out.push_str("\\N"),
+                '\u{A0}' => out.push_str("\\_"),
+                '\u{2028}' => out.push_str("\\L"),
+                '\u{2029}' => out.push_str("\\P"),
+                c if (c as u32) <= 0xFF => out.push_str(&format!("\\x{:02X}", c as u32)),
+                c if (c as u32) <= 0xFFFF => out.push_str(&format!("\\u{:04X}", c as u32)),
+                c => out.push_str(&format!("\\U{:08X}", c as u32)),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('"');
+}
+
+fn write_literal(out: &mut String, s: &str, indent: usize) {
+    out.push('|');
+    let first = s.chars().next();
+    if first.is_some_and(|c| c == ' ' || is_break(c)) {
+        out.push_str(&INDENT.to_string());
+    }
+    let mut rev = s.chars().rev();
+    let last = rev.next();
+    if !last.is_some_and(is_break) {
+        out.push('-');
+    } else if rev.next().is_none_or(is_break) {
+        out.push('+');
+    }
+    out.push('\n');
+    let mut line_start = true;
+    for c in s.chars() {
+        if is_break(c) {
+            out.push(c);
+            line_start = true;
+        } else {
+            if line_start {
+                pad(out, indent);
+                line_start = false;
+            }
+            out.push(c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(items: Vec<(&str, Value)>) -> Value {
+        Value::Map(
+            items
+                .into_iter()
+                .map(|(k, v)| MapItem::Pair(k.into(), v))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn parses_types_order_and_documents() {
+        let docs = parse_stream(
+            "b: 1\na: \"1\"\nc: [x, 2.5]\nd: |\n  l1\n  l2\n---\ne: ~\n---\n",
+        )
+        .unwrap();
+        assert_eq!(docs.len(), 3);
+        assert_eq!(
+            docs[0],
+            map(vec![
+                ("b", Value::Int(1)),
+                ("a", Value::Str("1".into())),
+                (
+                    "c",
+                    Value::Seq(vec![Value::Str("x".into()), Value::Float(2.5)])
+                ),
+                ("d", Value::Str("l1\nl2\n".into())),
+            ])
+        );
+        assert_eq!(docs[1], map(vec![("e", Value::Null)]));
+        assert_eq!(docs[2], Value::Map(vec![]));
+    }
+
+    #[test]
+    fn comments_are_placed_before_their_item() {
+        let text = "# top\na: 1\nb:\n  # inner\n  c: |\n    # not a comment\n  # foot\n# end\n";
+        let docs = parse_stream(text).unwrap();
+        let Value::Map(items) = &docs[0] else {
+            panic!()
+        };
+        assert_eq!(items[0], MapItem::Comment(" top".into()));
+        let Some(MapItem::Pair(_, Value::Map(inner))) = items.get(2) else {
+            panic!("{items:?}")
+        };
+        assert_eq!(inner[0], MapItem::Comment(" inner".into()));
+        assert_eq!(
+            inner[1],
+            MapItem::Pair("c".into(), Value::Str("# not a comment\n".into()))
+        );
+        assert_eq!(inner[2], MapItem::Comment(" foot".into()));
+        assert_eq!(items[3], MapItem::Comment(" end".into()));
+    }
+
+    #[test]
+    fn anchors_and_aliases_expand() {
+        let docs = parse_stream("a: &x\n  k: v\nb: *x\n").unwrap();
+        assert_eq!(docs[0].get("a"), docs[0].get("b"));
+    }
+
+    #[test]
+    fn rejects_non_map_documents() {
+        assert!(parse_stream("- a\n- b\n").is_err());
+        assert!(parse_stream("just text\n").is_err());
+    }
+
+    #[test]
+    fn emits_like_yaml_v3() {
+        // Expected text: what sops 3.11 (yaml.v3, indent 4) printed for the same tree.
+        let doc = map(vec![
+            (
+                "a",
+                Value::Seq(vec![
+                    Value::Str("lit\nx\n".into()),
+                    map(vec![("k", Value::Str("v\n".into())), ("k2", Value::Int(1))]),
+                    Value::Str("y".into()),
+                    Value::Str(" lead".into()),
+                    Value::Str("tab\there".into()),
+                    Value::Str("#h".into()),
+                ]),
+            ),
+            ("yes", Value::Str("".into())),
+            ("n", Value::Map(vec![])),
+            ("f", Value::Float(1e6)),
+        ]);
+        assert_eq!(
+            emit_stream(&[doc.clone(), doc]),
+            "a:\n    - |\n      lit\n      x\n    - k: |\n        v\n      k2: 1\n    - \"y\"\n    - ' lead'\n    - \"tab\\there\"\n    - '#h'\n\"yes\": \"\"\n\"n\": {}\nf: 1e+06\n---\na:\n    - |\n      lit\n      x\n    - k: |\n        v\n      k2: 1\n    - \"y\"\n    - ' lead'\n    - \"tab\\there\"\n    - '#h'\n\"yes\": \"\"\n\"n\": {}\nf: 1e+06\n"
+        );
+    }
+
+    #[test]
+    fn round_trips_through_the_parser() {
+        let text = "a:\n    b: |4+\n\n    c: \"\\U0001F600\\x01\"\n    d: |4-\n         lead\n        x\n";
+        let docs = parse_stream(text).unwrap();
+        assert_eq!(parse_stream(&emit_stream(&docs)).unwrap(), docs);
+    }
+}
