@@ -48,18 +48,23 @@ pub fn parse_stream(text: &str) -> Result<Vec<Value>> {
         events.push((ev, span));
     }
     // Lines inside multi-line scalars are content, not comments.
-    let mut in_scalar = vec![false; text.lines().count() + 2];
+    let lines: Vec<&str> = text.lines().collect();
+    let mut in_scalar = vec![false; lines.len() + 2];
     for (ev, span) in &events {
         if let Event::Scalar(_, style, ..) = ev {
-            // A block scalar's span starts at its first content line.
-            let first = match style {
-                ScalarStyle::Literal | ScalarStyle::Folded => span.start.line(),
-                _ => span.start.line() + 1,
-            };
-            let last = if span.end.col() == 0 {
-                span.end.line().saturating_sub(1)
-            } else {
-                span.end.line()
+            // A block scalar's span runs from its first content line to where the next
+            // token starts; a quoted or plain one's from its first to its last character.
+            let (first, last) = match style {
+                ScalarStyle::Literal | ScalarStyle::Folded => {
+                    let end_line = lines.get(span.end.line().wrapping_sub(1)).unwrap_or(&"");
+                    let at_next_token = end_line
+                        .chars()
+                        .take(span.end.col())
+                        .all(|c| c == ' ' || c == '\t');
+                    let last = span.end.line() - usize::from(at_next_token);
+                    (span.start.line(), last)
+                }
+                _ => (span.start.line() + 1, span.end.line()),
             };
             for l in first..=last {
                 if let Some(x) = in_scalar.get_mut(l) {
@@ -68,8 +73,8 @@ pub fn parse_stream(text: &str) -> Result<Vec<Value>> {
             }
         }
     }
-    let comments = text
-        .lines()
+    let comments = lines
+        .iter()
         .enumerate()
         .filter_map(|(i, l)| {
             let body = l.trim_start_matches([' ', '\t']);
@@ -754,6 +759,8 @@ mod tests {
     #[test]
     fn comments_are_placed_before_their_item() {
         let text = "# top\na: 1\nb:\n  # inner\n  c: |\n    # not a comment\n  # foot\n# end\n";
+        let docs = parse_stream("a: |-\n  # content\n  # more").unwrap();
+        assert_eq!(docs[0].get("a"), Some(&Value::Str("# content\n# more".into())));
         let docs = parse_stream(text).unwrap();
         let Value::Map(items) = &docs[0] else {
             panic!()
