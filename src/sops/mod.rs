@@ -129,7 +129,7 @@ pub fn decrypt_text(text: String, format: Format, keys: &KeyOptions) -> Result<P
     let stored = match cipher::decrypt(&key, &meta.mac, &meta.lastmodified) {
         Ok(Value::Str(s)) => s,
         Ok(_) => bail!("the stored MAC is not a string"),
-        Err(e) => bail!("the stored MAC does not decrypt ({e:#}): the file was modified"),
+        Err(e) => bail!("MAC mismatch: the stored MAC does not authenticate ({e:#}): the file was modified or is corrupted"),
     };
     drop(key);
     if stored != computed {
