@@ -138,10 +138,12 @@ pub struct InspectArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_long_help = "Keys are looked up as sops does: --age-key-file, SOPS_AGE_KEY,\n\
+#[command(
+    after_long_help = "Keys are looked up as sops does: --age-key-file, SOPS_AGE_KEY,\n\
     SOPS_AGE_KEY_FILE, SOPS_AGE_KEY_CMD, then $XDG_CONFIG_HOME/sops/age/keys.txt\n\
     (~/.config/sops/age/keys.txt); for ssh-ed25519 recipients SOPS_AGE_SSH_PRIVATE_KEY_FILE\n\
-    or ~/.ssh/id_ed25519. The MAC is always verified.")]
+    or ~/.ssh/id_ed25519. The MAC is always verified."
+)]
 pub struct DecryptArgs {
     /// SOPS-encrypted YAML or JSON file
     pub file: PathBuf,

@@ -395,7 +395,11 @@ fn talos_multi_document_config_matches_sops() {
 #[test]
 fn talosconfig_json_and_every_value_type_match_sops() {
     let lab = Lab::new();
-    lab.round_trip("talosconfig", TALOSCONFIG, &["--input-type", "yaml", "--output-type", "yaml"]);
+    lab.round_trip(
+        "talosconfig",
+        TALOSCONFIG,
+        &["--input-type", "yaml", "--output-type", "yaml"],
+    );
     lab.round_trip("types.yaml", TYPES_YAML, &[]);
     let (_, json) = lab.round_trip("secrets.json", JSON_DOC, &[]);
     let json = String::from_utf8(json).unwrap();
@@ -412,7 +416,11 @@ fn suffix_regex_and_mac_options_match_sops() {
         &["--encrypted-suffix", "_secret"],
         &["--encrypted-regex", "^(token|data|secret)$"],
         &["--unencrypted-regex", "^(version|type)$"],
-        &["--mac-only-encrypted", "--encrypted-regex", "^(token|data)$"],
+        &[
+            "--mac-only-encrypted",
+            "--encrypted-regex",
+            "^(token|data)$",
+        ],
         &["--encrypted-comment-regex", "sops:enc"],
         &["--unencrypted-comment-regex", "sops:enc"],
     ] {
@@ -542,12 +550,22 @@ fn bad_files_give_one_clear_line_and_no_image() {
     };
 
     // A changed ciphertext no longer authenticates.
-    let token_line = text.lines().find(|l| l.contains("    token: ENC[")).unwrap();
+    let token_line = text
+        .lines()
+        .find(|l| l.contains("    token: ENC["))
+        .unwrap();
     let pos = token_line.find("data:").unwrap() + 6;
     let mut tampered_line = token_line.to_string();
-    let c = if &token_line[pos..pos + 1] == "A" { "B" } else { "A" };
+    let c = if &token_line[pos..pos + 1] == "A" {
+        "B"
+    } else {
+        "A"
+    };
     tampered_line.replace_range(pos..pos + 1, c);
-    let p = write("tampered-value.yaml", &text.replacen(token_line, &tampered_line, 1));
+    let p = write(
+        "tampered-value.yaml",
+        &text.replacen(token_line, &tampered_line, 1),
+    );
     both(&p, key, "value at machine.token: authentication failed");
 
     // Moving an encrypted value to another key breaks its authentication too.
@@ -561,7 +579,11 @@ fn bad_files_give_one_clear_line_and_no_image() {
     let mac_line = text.lines().find(|l| l.contains("    mac: ENC[")).unwrap();
     let pos = mac_line.find("data:").unwrap() + 6;
     let mut m = mac_line.to_string();
-    let c = if &mac_line[pos..pos + 1] == "A" { "B" } else { "A" };
+    let c = if &mac_line[pos..pos + 1] == "A" {
+        "B"
+    } else {
+        "A"
+    };
     m.replace_range(pos..pos + 1, c);
     let p = write("tampered-mac.yaml", &text.replace(mac_line, &m));
     both(&p, key, "MAC mismatch");
@@ -583,7 +605,10 @@ fn bad_files_give_one_clear_line_and_no_image() {
     let wrong_env: &[(&str, &Path)] = &[("SOPS_AGE_KEY_FILE", &wrong)];
     both(&enc, wrong_env, &lab.recipient);
     let e = build_fails(&lab, &enc, wrong_env);
-    assert!(e.contains(&wrong_pub) && !e.contains("AGE-SECRET-KEY"), "{e}");
+    assert!(
+        e.contains(&wrong_pub) && !e.contains("AGE-SECRET-KEY"),
+        "{e}"
+    );
 
     // No key anywhere.
     both(&enc, &[], "no age key found");
@@ -597,7 +622,10 @@ fn bad_files_give_one_clear_line_and_no_image() {
     both(&p, key, "no mac");
 
     // A YAML file that is neither sops nor Talos: decrypt prints it, build refuses it.
-    let p = write("manifest.yaml", "apiVersion: v1\nkind: ConfigMap\ndata:\n  a: b\n");
+    let p = write(
+        "manifest.yaml",
+        "apiVersion: v1\nkind: ConfigMap\ndata:\n  a: b\n",
+    );
     let o = run_ok(&mut lab.decrypt_cmd(&p));
     assert_eq!(o.stdout, std::fs::read(&p).unwrap());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not SOPS-encrypted"));
@@ -641,7 +669,12 @@ fn image_serves_the_decrypted_config() {
     let lab = Lab::new();
     let example = std::fs::read_to_string(example_config()).unwrap();
     let enc = lab.encrypt("cp.yaml", &example, &lab.recipient.clone(), &[]);
-    let enc_tc = lab.encrypt("talosconfig", TALOSCONFIG, &lab.recipient.clone(), &["--input-type", "yaml", "--output-type", "yaml"]);
+    let enc_tc = lab.encrypt(
+        "talosconfig",
+        TALOSCONFIG,
+        &lab.recipient.clone(),
+        &["--input-type", "yaml", "--output-type", "yaml"],
+    );
     let out = lab.path("out");
     let talosconfig = enc_tc.display().to_string();
     let o = build_ok(&lab, &enc, &["--talosconfig", &talosconfig], &out);

@@ -19,15 +19,21 @@ const TAG_LEN: usize = 16;
 
 type Gcm = AesGcm<Aes256, U32>;
 
-/// The 32-byte data key every value of a file is encrypted with; zeroed on drop.
-pub struct DataKey(Zeroizing<[u8; 32]>);
+/// The 32-byte data key every value of a file is encrypted with, expanded once for
+/// AES-GCM; both are zeroed on drop.
+pub struct DataKey {
+    gcm: Gcm,
+}
 
 impl DataKey {
     pub fn from_slice(b: &[u8]) -> Result<DataKey> {
-        let arr: [u8; 32] = b
-            .try_into()
-            .map_err(|_| anyhow!("the data key is {} bytes, expected 32", b.len()))?;
-        Ok(DataKey(Zeroizing::new(arr)))
+        let key: Zeroizing<[u8; 32]> = Zeroizing::new(
+            b.try_into()
+                .map_err(|_| anyhow!("the data key is {} bytes, expected 32", b.len()))?,
+        );
+        Ok(DataKey {
+            gcm: Gcm::new_from_slice(&key[..]).expect("32-byte key"),
+        })
     }
 }
 
@@ -49,7 +55,12 @@ fn split(s: &str) -> Option<Parts<'_>> {
     let (data, rest) = body.split_once(",iv:")?;
     let (iv, rest) = rest.split_once(",tag:")?;
     let (tag, kind) = rest.split_once(",type:")?;
-    Some(Parts { data, iv, tag, kind })
+    Some(Parts {
+        data,
+        iv,
+        tag,
+        kind,
+    })
 }
 
 /// Decrypt one value; `aad` is its key path joined with `:` plus a trailing `:`.
@@ -67,14 +78,14 @@ pub fn decrypt(key: &DataKey, value: &str, aad: &str) -> Result<Value> {
             tag.len()
         );
     }
-    let gcm = Gcm::new_from_slice(&key.0[..]).expect("32-byte key");
-    gcm.decrypt_in_place_detached(
-        Nonce::<U32>::from_slice(&iv),
-        aad.as_bytes(),
-        &mut buf,
-        Tag::from_slice(&tag),
-    )
-    .map_err(|_| anyhow!("authentication failed (wrong key, or the value was changed)"))?;
+    key.gcm
+        .decrypt_in_place_detached(
+            Nonce::<U32>::from_slice(&iv),
+            aad.as_bytes(),
+            &mut buf,
+            Tag::from_slice(&tag),
+        )
+        .map_err(|_| anyhow!("authentication failed (wrong key, or the value was changed)"))?;
     let text = || String::from_utf8(buf.clone()).context("plaintext is not UTF-8");
     let bad = |t: &str| anyhow!("decrypted {t} value does not parse");
     Ok(match p.kind {
@@ -110,7 +121,7 @@ pub(crate) mod tests {
 
     /// Encrypt like sops does (used to build test values; production never encrypts).
     pub fn encrypt(key: &DataKey, plain: &[u8], aad: &str, kind: &str) -> String {
-        let gcm = Gcm::new_from_slice(&key.0[..]).unwrap();
+        let gcm = &key.gcm;
         let iv = [7u8; IV_LEN];
         let mut buf = plain.to_vec();
         let tag = gcm
@@ -129,7 +140,10 @@ pub(crate) mod tests {
     fn round_trip_and_authentication() {
         let key = DataKey::from_slice(&[1u8; 32]).unwrap();
         let enc = encrypt(&key, b"6443", "machine:port:", "int");
-        assert_eq!(decrypt(&key, &enc, "machine:port:").unwrap(), Value::Int(6443));
+        assert_eq!(
+            decrypt(&key, &enc, "machine:port:").unwrap(),
+            Value::Int(6443)
+        );
         // The key path is authenticated: moving a value to another key breaks it.
         assert!(decrypt(&key, &enc, "machine:other:").is_err());
         let other = DataKey::from_slice(&[2u8; 32]).unwrap();

@@ -121,7 +121,10 @@ impl JsonParser<'_> {
             Some(b'n') => self.word("null", Value::Null),
             Some(b'-' | b'0'..=b'9') => {
                 let start = self.i;
-                while matches!(self.peek(), Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')) {
+                while matches!(
+                    self.peek(),
+                    Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                ) {
                     self.i += 1;
                 }
                 let n = &self.text[start..self.i];
@@ -192,8 +195,7 @@ impl JsonParser<'_> {
                         Some(b't') => out.push('\t'),
                         Some(b'u') => {
                             let mut c = self.hex4()?;
-                            if (0xD800..0xDC00).contains(&c)
-                                && self.s[self.i..].starts_with(b"\\u")
+                            if (0xD800..0xDC00).contains(&c) && self.s[self.i..].starts_with(b"\\u")
                             {
                                 self.i += 2;
                                 let lo = self.hex4()?;
@@ -338,8 +340,8 @@ mod tests {
     #[test]
     fn emits_like_go() {
         // Expected text: what sops 3.11 printed for the same document.
-        let v = parse(r#"{"a": 1, "f": [1, "x", {"g": 2}], "h": {}, "i": [], "u": "hé <>&"}"#)
-            .unwrap();
+        let v =
+            parse(r#"{"a": 1, "f": [1, "x", {"g": 2}], "h": {}, "i": [], "u": "hé <>&"}"#).unwrap();
         assert_eq!(
             emit(&v).unwrap(),
             "{\n\t\"a\": 1,\n\t\"f\": [\n\t\t1,\n\t\t\"x\",\n\t\t{\n\t\t\t\"g\": 2\n\t\t}\n\t],\n\t\"h\": {},\n\t\"i\": [],\n\t\"u\": \"hé \\u003c\\u003e\\u0026\"\n}\n"

@@ -163,6 +163,13 @@ impl Identities {
 /// recipients).
 pub fn load(opts: &KeyOptions, ssh: bool) -> Result<Identities> {
     let mut ids = Identities::default();
+    let unset: Vec<&str> = [ENV_KEY, ENV_KEY_FILE, ENV_KEY_CMD]
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_none_or(|x| x.is_empty()))
+        .collect();
+    if !unset.is_empty() {
+        ids.notes.push(format!("{} unset", unset.join(", ")));
+    }
     if let Some(p) = &opts.age_key_file {
         let text = read_secret_file(p)
             .with_context(|| format!("reading --age-key-file {}", p.display()))?;
@@ -189,7 +196,9 @@ pub fn load(opts: &KeyOptions, ssh: bool) -> Result<Identities> {
                 zeroize::Zeroize::zeroize(&mut stdout);
                 ids.add_text(&text, ENV_KEY_CMD);
             }
-            Ok(o) => ids.notes.push(format!("{ENV_KEY_CMD} failed ({})", o.status)),
+            Ok(o) => ids
+                .notes
+                .push(format!("{ENV_KEY_CMD} failed ({})", o.status)),
             Err(e) => ids.notes.push(format!("{ENV_KEY_CMD} could not run: {e}")),
         }
     }
@@ -231,7 +240,7 @@ pub fn data_key(meta: &Metadata, ids: &Identities) -> Result<DataKey> {
     let recipients: Vec<&str> = meta.age.iter().map(|a| a.recipient.as_str()).collect();
     if ids.is_empty() {
         bail!(
-            "no age key found to decrypt it (recipients: {}; looked at: {})",
+            "no age key found to decrypt it (recipients: {}): set SOPS_AGE_KEY_FILE or pass --age-key-file ({})",
             recipients.join(", "),
             ids.notes.join("; ")
         );
@@ -249,9 +258,8 @@ pub fn data_key(meta: &Metadata, ids: &Identities) -> Result<DataKey> {
         match decryptor.decrypt(ids.iter()) {
             Ok(mut r) => {
                 let mut key = Zeroizing::new(Vec::with_capacity(32));
-                r.read_to_end(&mut key).with_context(|| {
-                    format!("decrypting the data key for {}", entry.recipient)
-                })?;
+                r.read_to_end(&mut key)
+                    .with_context(|| format!("decrypting the data key for {}", entry.recipient))?;
                 return DataKey::from_slice(&key);
             }
             Err(age::DecryptError::NoMatchingKeys) => {}

@@ -113,8 +113,8 @@ impl Metadata {
                 other.extend(other_keys(g));
             }
         }
-        let lastmodified = string_field(m, "lastmodified")?
-            .context("the sops section has no lastmodified")?;
+        let lastmodified =
+            string_field(m, "lastmodified")?.context("the sops section has no lastmodified")?;
         // sops authenticates the MAC with lastmodified re-formatted as RFC 3339.
         let lastmodified = Timestamp::parse(&lastmodified)
             .map(|t| t.rfc3339())
@@ -172,7 +172,12 @@ pub fn take_sops(doc: &mut Value) -> Option<Value> {
 
 impl Rules {
     /// sops's `shouldBeEncrypted`: each configured rule, in sops's order, may override.
-    pub fn should_encrypt(&self, path: &[String], comments: &[Vec<String>], is_comment: bool) -> bool {
+    pub fn should_encrypt(
+        &self,
+        path: &[String],
+        comments: &[Vec<String>],
+        is_comment: bool,
+    ) -> bool {
         let mut enc = true;
         if let Some(sfx) = &self.unencrypted_suffix {
             if path.iter().any(|p| p.ends_with(sfx.as_str())) {
@@ -200,9 +205,9 @@ impl Rules {
             let last = comments.len().saturating_sub(1);
             let last_len = comments.last().map_or(0, Vec::len);
             enc = comments.iter().enumerate().any(|(i, cs)| {
-                cs.iter().enumerate().any(|(j, c)| {
-                    !(is_comment && i == last && j + 1 == last_len) && re.is_match(c)
-                })
+                cs.iter()
+                    .enumerate()
+                    .any(|(j, c)| !(is_comment && i == last && j + 1 == last_len) && re.is_match(c))
             });
         }
         enc

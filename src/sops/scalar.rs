@@ -221,7 +221,11 @@ pub fn resolve_plain(s: &str) -> Value {
     }
     match s.as_bytes()[0] {
         b'.' => match s.parse::<f64>() {
-            Ok(f) if s[1..].bytes().all(|c| c.is_ascii_digit() || b"eE+-".contains(&c)) => {
+            Ok(f)
+                if s[1..]
+                    .bytes()
+                    .all(|c| c.is_ascii_digit() || b"eE+-".contains(&c)) =>
+            {
                 Value::Float(f)
             }
             _ => Value::Str(s.to_string()),
@@ -391,7 +395,18 @@ mod tests {
 
     #[test]
     fn quoting_decisions() {
-        for s in ["123", "true", "null", "", "yes", "off", "y", "1:20", "2001-12-14", "<<"] {
+        for s in [
+            "123",
+            "true",
+            "null",
+            "",
+            "yes",
+            "off",
+            "y",
+            "1:20",
+            "2001-12-14",
+            "<<",
+        ] {
             assert!(!plain_reads_as_string(s), "{s}");
         }
         for s in ["abc", "v1alpha1", "1.2.3", "/dev/sda", "a b"] {
@@ -412,7 +427,12 @@ mod tests {
             (0.00001, "1e-05", "0.00001", "0.00001"),
             (1e-7, "1e-07", "0.0000001", "1e-7"),
             (-0.0, "-0", "-0", "-0"),
-            (1.2345678901234567e19, "1.2345678901234567e+19", "12345678901234567000", "12345678901234567000"),
+            (
+                1.2345678901234567e19,
+                "1.2345678901234567e+19",
+                "12345678901234567000",
+                "12345678901234567000",
+            ),
         ] {
             assert_eq!(yaml_float(f), g, "{f}");
             assert_eq!(go_format_f(f), fixed, "{f}");

@@ -243,7 +243,6 @@ impl<'a> Reader<'a> {
         }
         Ok(v)
     }
-
 }
 
 /// Text of a non-string key, as the YAML source spelled it (sops itself rejects these).
@@ -735,10 +734,8 @@ mod tests {
 
     #[test]
     fn parses_types_order_and_documents() {
-        let docs = parse_stream(
-            "b: 1\na: \"1\"\nc: [x, 2.5]\nd: |\n  l1\n  l2\n---\ne: ~\n---\n",
-        )
-        .unwrap();
+        let docs = parse_stream("b: 1\na: \"1\"\nc: [x, 2.5]\nd: |\n  l1\n  l2\n---\ne: ~\n---\n")
+            .unwrap();
         assert_eq!(docs.len(), 3);
         assert_eq!(
             docs[0],
@@ -760,7 +757,10 @@ mod tests {
     fn comments_are_placed_before_their_item() {
         let text = "# top\na: 1\nb:\n  # inner\n  c: |\n    # not a comment\n  # foot\n# end\n";
         let docs = parse_stream("a: |-\n  # content\n  # more").unwrap();
-        assert_eq!(docs[0].get("a"), Some(&Value::Str("# content\n# more".into())));
+        assert_eq!(
+            docs[0].get("a"),
+            Some(&Value::Str("# content\n# more".into()))
+        );
         let docs = parse_stream(text).unwrap();
         let Value::Map(items) = &docs[0] else {
             panic!()
@@ -817,7 +817,8 @@ mod tests {
 
     #[test]
     fn round_trips_through_the_parser() {
-        let text = "a:\n    b: |4+\n\n    c: \"\\U0001F600\\x01\"\n    d: |4-\n         lead\n        x\n";
+        let text =
+            "a:\n    b: |4+\n\n    c: \"\\U0001F600\\x01\"\n    d: |4-\n         lead\n        x\n";
         let docs = parse_stream(text).unwrap();
         assert_eq!(parse_stream(&emit_stream(&docs)).unwrap(), docs);
     }
