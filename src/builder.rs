@@ -337,14 +337,6 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     };
     let machine_config = sops::load(&args.config, &keys)
         .with_context(|| format!("reading machine config {}", args.config.display()))?;
-    if !args.skip_config_check {
-        let warnings = machineconfig::check(&machine_config.docs, &cfg.talos_version)
-            .with_context(|| format!("checking machine config {}", args.config.display()))?;
-        for w in warnings {
-            eprintln!("warning: {}: {w}", args.config.display());
-        }
-    }
-    let machine_config = machine_config.bytes;
     let talosconfig = args
         .talosconfig
         .as_ref()
@@ -367,6 +359,15 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
             iso.volume_id()
         );
     }
+    // Checked against the release the ISO is now known to be.
+    if !args.skip_config_check {
+        let warnings = machineconfig::check(&machine_config.docs, &cfg.talos_version)
+            .with_context(|| format!("checking machine config {}", args.config.display()))?;
+        for w in warnings {
+            eprintln!("warning: {}: {w}", args.config.display());
+        }
+    }
+    let machine_config = machine_config.bytes;
     let iso_file = |p: &str| -> Result<Content> {
         let e = iso.lookup(p)?.with_context(|| {
             format!(

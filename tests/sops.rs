@@ -504,15 +504,20 @@ fn ssh_ed25519_recipient() {
     assert_eq!(run_ok(&mut lab.decrypt_cmd(&enc)).stdout, expected);
 }
 
-/// A build that must fail at the config, before the (dummy) ISO is read.
+/// A build that must fail at the config. Decryption fails before the ISO is read, so a
+/// dummy ISO serves; the machine config check needs the real (fixture) one.
 fn build_fails(lab: &Lab, config: &Path, env: &[(&str, &Path)]) -> String {
+    let iso = lab.path("dummy.iso");
+    std::fs::write(&iso, b"not read: the config is decrypted first").unwrap();
+    build_fails_with(lab, &iso, config, env)
+}
+
+fn build_fails_with(lab: &Lab, iso: &Path, config: &Path, env: &[(&str, &Path)]) -> String {
     let out = lab.path("out");
     std::fs::create_dir_all(&out).unwrap();
-    let iso = lab.path("dummy.iso");
-    std::fs::write(&iso, b"not read: the config is checked first").unwrap();
     let mut c = lab.ours();
     c.args(["build", TALOS, "2025-12-17", MAC, "--quiet", "--iso"])
-        .arg(&iso)
+        .arg(iso)
         .arg("--config")
         .arg(config)
         .arg("--out-dir")
@@ -629,7 +634,7 @@ fn bad_files_give_one_clear_line_and_no_image() {
     let o = run_ok(&mut lab.decrypt_cmd(&p));
     assert_eq!(o.stdout, std::fs::read(&p).unwrap());
     assert!(String::from_utf8_lossy(&o.stderr).contains("not SOPS-encrypted"));
-    let e = build_fails(&lab, &p, &[]);
+    let e = build_fails_with(&lab, &fixture::talos_iso("default"), &p, &[]);
     assert!(e.contains("not a Talos machine config"), "{e}");
     // Not YAML at all.
     let p = write("garbage.yaml", "key: [unclosed\n  - : :\n");
