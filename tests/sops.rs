@@ -653,8 +653,9 @@ fn build_ok(lab: &Lab, config: &Path, extra: &[&str], out: &Path) -> Output {
         .arg("--out-dir")
         .arg(out)
         .args(extra)
+        .arg("--age-key-file")
+        .arg(&lab.key)
         .env("SOURCE_DATE_EPOCH", EPOCH)
-        .env("SOPS_AGE_KEY_FILE", &lab.key)
         .env("TMPDIR", &tmpdir);
     let o = run_ok(&mut c);
     // Plaintext never touches the disk: nothing in TMPDIR, only the artifacts in out.
