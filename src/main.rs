@@ -14,10 +14,30 @@ fn main() {
     let result = match cli.command {
         Command::Build(args) => mkappliance::builder::build(&args).map(|_| ()),
         Command::Inspect(args) => mkappliance::inspect::inspect(&args),
+        Command::Decrypt(args) => decrypt(&args),
     };
     if let Err(e) = result {
         // One line that reads like a path through the program.
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `mkappliance decrypt FILE`: the plaintext on stdout.
+fn decrypt(args: &mkappliance::cmdline::DecryptArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let keys = mkappliance::sops::KeyOptions {
+        age_key_file: args.age_key_file.clone(),
+    };
+    let plain = mkappliance::sops::load(&args.file, &keys)?;
+    if !plain.was_encrypted {
+        eprintln!(
+            "note: {} is not SOPS-encrypted; printing it unchanged",
+            args.file.display()
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(&plain.bytes)?;
+    out.flush()?;
+    Ok(())
 }
