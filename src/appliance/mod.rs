@@ -9,5 +9,7 @@ pub mod console;
 pub mod gptscan;
 pub mod init;
 pub mod kcmdline;
+pub mod nat;
+pub mod netlink;
 pub mod powerbutton;
 pub mod supervise;
