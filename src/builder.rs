@@ -66,6 +66,12 @@ fn parse_mac(flag: &str, v: &str) -> Result<Mac> {
     v.parse().with_context(|| format!("invalid {flag}"))
 }
 
+fn parse_ipv4(flag: &str, v: &str) -> Result<std::net::Ipv4Addr> {
+    v.trim()
+        .parse()
+        .with_context(|| format!("invalid {flag} {v:?}: expected an IPv4 address"))
+}
+
 /// Turn the command line into a validated appliance config (no file access).
 pub fn config_from_args(args: &BuildArgs, boot_files: BootFiles) -> Result<ApplianceConfig> {
     config::check_talos_version(&args.talos_version)?;
@@ -96,6 +102,21 @@ pub fn config_from_args(args: &BuildArgs, boot_files: BootFiles) -> Result<Appli
             .as_deref()
             .map(|m| parse_mac("--uplink-mac", m))
             .transpose()?,
+        uplink_address: args
+            .uplink_address
+            .as_deref()
+            .map(|a| a.parse().context("invalid --uplink-address"))
+            .transpose()?,
+        uplink_gateway: args
+            .uplink_gateway
+            .as_deref()
+            .map(|g| parse_ipv4("--uplink-gateway", g))
+            .transpose()?,
+        uplink_dns: args
+            .uplink_dns
+            .iter()
+            .map(|d| parse_ipv4("--uplink-dns", d))
+            .collect::<Result<_>>()?,
     };
     let cfg = ApplianceConfig {
         schema: config::CONFIG_SCHEMA,

@@ -112,6 +112,17 @@ pub struct BuildArgs {
     /// MAC of the appliance VM's uplink NIC [default: the other NIC]
     #[arg(long, value_name = "MAC")]
     pub uplink_mac: Option<String>,
+    /// Static uplink address for networks without DHCP, e.g. 192.168.1.50/24
+    /// [default: DHCP on the uplink]
+    #[arg(long, value_name = "CIDR")]
+    pub uplink_address: Option<String>,
+    /// Default gateway for the static --uplink-address
+    #[arg(long, value_name = "IP")]
+    pub uplink_gateway: Option<String>,
+    /// DNS servers the appliance forwards the node's queries to (comma-separated or
+    /// repeated); with DHCP they replace the servers the lease names
+    #[arg(long, value_name = "IP", value_delimiter = ',')]
+    pub uplink_dns: Vec<String>,
     /// Extra kernel arguments for the Talos node (appended to the Talos PXE defaults)
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub extra_kernel_args: Option<String>,

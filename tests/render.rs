@@ -23,6 +23,9 @@ fn sample() -> ApplianceConfig {
             lease_secs: 43200,
             internal_mac: None,
             uplink_mac: None,
+            uplink_address: None,
+            uplink_gateway: None,
+            uplink_dns: Vec::new(),
         },
         talos_kernel_args: ApplianceConfig::default_kernel_args(
             "10.10.10.2".parse().unwrap(),
