@@ -6,10 +6,13 @@
 //! boot and [`powerbutton`] hears the ACPI power button.
 
 pub mod console;
+pub mod dhcpc;
+pub mod dns;
 pub mod gptscan;
 pub mod init;
 pub mod kcmdline;
 pub mod nat;
+pub mod net;
 pub mod netlink;
 pub mod powerbutton;
 pub mod supervise;

@@ -167,3 +167,54 @@ pub fn dnsmasq(ns: &Netns, dir: &std::path::Path, extra: &[&str]) -> std::path::
     ns.spawn(&refs);
     log
 }
+
+/// An appliance config for the network tests: PXE 10.10.10.2/24, node 10.10.10.100.
+pub fn appliance_config(
+    internal_mac: Option<&str>,
+    uplink_mac: Option<&str>,
+) -> mkappliance::config::ApplianceConfig {
+    use mkappliance::config::{ApplianceConfig, BootFiles, Network, CONFIG_SCHEMA};
+    ApplianceConfig {
+        schema: CONFIG_SCHEMA,
+        talos_version: "v1.11.6".into(),
+        bootstrap_version: "test".into(),
+        minipc_mac: "00:11:22:33:44:55".parse().unwrap(),
+        network: Network {
+            appliance: "10.10.10.2/24".parse().unwrap(),
+            minipc_ip: "10.10.10.100".parse().unwrap(),
+            dhcp_range: ("10.10.10.50".parse().unwrap(), "10.10.10.60".parse().unwrap()),
+            lease_secs: 3600,
+            internal_mac: internal_mac.map(|m| m.parse().unwrap()),
+            uplink_mac: uplink_mac.map(|m| m.parse().unwrap()),
+            uplink_address: None,
+            uplink_gateway: None,
+            uplink_dns: Vec::new(),
+        },
+        talos_kernel_args: String::new(),
+        boot_files: BootFiles {
+            ipxe_efi: "ipxe.efi".into(),
+            ipxe_bios: None,
+            ipxe_arm64: None,
+        },
+        serve_talosconfig: false,
+        boot_once: true,
+    }
+}
+
+/// The IPv4 addresses `ip -j addr show dev IF` lists: (local, prefixlen, valid_life_time).
+pub fn ipv4_addrs(ns: &Netns, ifname: &str) -> Vec<(String, u64, Option<u64>)> {
+    let v = ns.ip_json(&format!("addr show dev {ifname}"));
+    v[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["family"] == "inet")
+        .map(|a| {
+            (
+                a["local"].as_str().unwrap().to_string(),
+                a["prefixlen"].as_u64().unwrap(),
+                a["valid_life_time"].as_u64(),
+            )
+        })
+        .collect()
+}
