@@ -40,9 +40,15 @@ fn nics_are_found_and_assigned_by_mac_or_order() {
     assert_eq!(r.pxe.mac.to_string(), MAC_A);
     assert_eq!(r.uplink.as_ref().unwrap().name, "mkl-b");
     let r = roles(Some(MAC_C), Some(MAC_A)).unwrap();
-    assert_eq!((r.pxe.name.as_str(), r.uplink.unwrap().name.as_str()), ("mkl-c", "mkl-a"));
+    assert_eq!(
+        (r.pxe.name.as_str(), r.uplink.unwrap().name.as_str()),
+        ("mkl-c", "mkl-a")
+    );
     let r = roles(None, Some(MAC_A)).unwrap();
-    assert_eq!((r.pxe.name.as_str(), r.uplink.unwrap().name.as_str()), ("mkl-b", "mkl-a"));
+    assert_eq!(
+        (r.pxe.name.as_str(), r.uplink.unwrap().name.as_str()),
+        ("mkl-b", "mkl-a")
+    );
     // A pinned uplink that is not there: offline, not an error.
     let r = roles(Some(MAC_B), Some("02:00:00:00:0a:09")).unwrap();
     assert_eq!(r.pxe.name, "mkl-b");
@@ -51,7 +57,10 @@ fn nics_are_found_and_assigned_by_mac_or_order() {
     // A pinned PXE NIC that is not there is an error naming what was seen.
     let e = roles(Some("02:00:00:00:0a:09"), None).unwrap_err();
     let e = format!("{e:#}");
-    assert!(e.contains("no NIC has the --internal-mac 02:00:00:00:0a:09"), "{e}");
+    assert!(
+        e.contains("no NIC has the --internal-mac 02:00:00:00:0a:09"),
+        "{e}"
+    );
     assert!(e.contains("mkl-a (02:00:00:00:0a:01)"), "{e}");
     // The namespace's loopback is never a candidate.
     let all = app.enter(|| net::list_nics(&mut Rtnl::open().unwrap(), "/nonexistent".as_ref()));
@@ -101,17 +110,31 @@ fn addresses_and_routes_match_what_ip_reports() {
     app.enter(|| {
         let mut r = Rtnl::open().unwrap();
         r.set_up(b_index).unwrap();
-        r.add_address(b_index, Ipv4Addr::new(198, 51, 100, 7), 24, Some((300, 200)))
-            .unwrap();
-        r.add_route(&Route::default_via(Ipv4Addr::new(198, 51, 100, 1), b_index, RTPROT_STATIC))
-            .unwrap();
-        r.add_route(&Route::on_link(Ipv4Addr::new(203, 0, 113, 9), 32, b_index, RTPROT_STATIC))
-            .unwrap();
+        r.add_address(
+            b_index,
+            Ipv4Addr::new(198, 51, 100, 7),
+            24,
+            Some((300, 200)),
+        )
+        .unwrap();
+        r.add_route(&Route::default_via(
+            Ipv4Addr::new(198, 51, 100, 1),
+            b_index,
+            RTPROT_STATIC,
+        ))
+        .unwrap();
+        r.add_route(&Route::on_link(
+            Ipv4Addr::new(203, 0, 113, 9),
+            32,
+            b_index,
+            RTPROT_STATIC,
+        ))
+        .unwrap();
         // Our own dumps agree with what we set.
         let addrs = r.addresses().unwrap();
-        assert!(addrs
-            .iter()
-            .any(|a| a.index == b_index && a.addr == Ipv4Addr::new(198, 51, 100, 7) && a.prefix == 24));
+        assert!(addrs.iter().any(|a| a.index == b_index
+            && a.addr == Ipv4Addr::new(198, 51, 100, 7)
+            && a.prefix == 24));
         let routes = r.routes().unwrap();
         assert!(routes
             .iter()
@@ -146,17 +169,29 @@ fn addresses_and_routes_match_what_ip_reports() {
     // Removing them again.
     app.enter(|| {
         let mut r = Rtnl::open().unwrap();
-        r.del_route(&Route::default_via(Ipv4Addr::new(198, 51, 100, 1), b_index, RTPROT_STATIC))
+        r.del_route(&Route::default_via(
+            Ipv4Addr::new(198, 51, 100, 1),
+            b_index,
+            RTPROT_STATIC,
+        ))
+        .unwrap();
+        r.del_address(b_index, Ipv4Addr::new(198, 51, 100, 7), 24)
             .unwrap();
-        r.del_address(b_index, Ipv4Addr::new(198, 51, 100, 7), 24).unwrap();
         // Deleting what is not there is an error that says what failed.
         let e = r
             .del_address(b_index, Ipv4Addr::new(198, 51, 100, 7), 24)
             .unwrap_err();
-        assert!(format!("{e:#}").contains("removing address 198.51.100.7/24"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("removing address 198.51.100.7/24"),
+            "{e:#}"
+        );
     });
     assert!(ipv4_addrs(&app, "mkl-b").is_empty());
-    assert!(app.ip_json("route show default").as_array().unwrap().is_empty());
+    assert!(app
+        .ip_json("route show default")
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 #[test]

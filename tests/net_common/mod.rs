@@ -182,7 +182,10 @@ pub fn appliance_config(
         network: Network {
             appliance: "10.10.10.2/24".parse().unwrap(),
             minipc_ip: "10.10.10.100".parse().unwrap(),
-            dhcp_range: ("10.10.10.50".parse().unwrap(), "10.10.10.60".parse().unwrap()),
+            dhcp_range: (
+                "10.10.10.50".parse().unwrap(),
+                "10.10.10.60".parse().unwrap(),
+            ),
             lease_secs: 3600,
             internal_mac: internal_mac.map(|m| m.parse().unwrap()),
             uplink_mac: uplink_mac.map(|m| m.parse().unwrap()),
