@@ -3,7 +3,7 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 # Debian packages the tests and the demo use (real tools judge our images).
-apt_packages := "xorriso mtools dosfstools e2fsprogs gdisk qemu-system-x86 ovmf ipxe systemd-boot-efi squashfs-tools kmod zstd cpio dnsmasq-base nginx curl busybox age"
+apt_packages := "xorriso mtools dosfstools e2fsprogs gdisk qemu-system-x86 ovmf ipxe systemd-boot-efi squashfs-tools kmod zstd cpio dnsmasq-base nginx curl busybox age nftables bind9-dnsutils iproute2"
 target := "target/x86_64-unknown-linux-gnu"
 fixtures := env_var_or_default("MKAPPLIANCE_FIXTURE_CACHE", justfile_directory() / ".fixtures")
 

@@ -178,6 +178,9 @@ pub fn spawn(
     let sock = PacketSocket::open(settings.index)
         .with_context(|| format!("opening a packet socket on {}", settings.ifname))?;
     let rtnl = Rtnl::open()?;
+    reporter.report(UplinkState::Acquiring {
+        ifname: settings.ifname.clone(),
+    });
     let client = Client {
         s: settings,
         sock,
@@ -203,9 +206,6 @@ struct Client {
 
 impl Client {
     fn run(mut self) {
-        self.reporter.report(UplinkState::Acquiring {
-            ifname: self.s.ifname.clone(),
-        });
         let mut current: Option<Lease> = None;
         let mut renewals = 0u32;
         loop {

@@ -357,73 +357,70 @@ enum Expr {
 }
 
 impl Expr {
+    fn name(&self) -> &'static str {
+        match self {
+            Expr::Meta(_) => "meta",
+            Expr::Payload { .. } => "payload",
+            Expr::And(_) => "bitwise",
+            Expr::Ct(_) => "ct",
+            Expr::Cmp { .. } => "cmp",
+            Expr::Verdict(_) => "immediate",
+            Expr::Masq => "masq",
+        }
+    }
+
     fn encode(&self, m: &mut MsgBuilder) {
-        let data_value = |m: &mut MsgBuilder, ty: u16, v: &[u8]| {
+        m.nested(NFTA_LIST_ELEM, |m| {
+            m.attr_str(NFTA_EXPR_NAME, self.name());
+            m.nested(NFTA_EXPR_DATA, |m| self.encode_data(m));
+        });
+    }
+
+    fn encode_data(&self, m: &mut MsgBuilder) {
+        let value = |m: &mut MsgBuilder, ty: u16, v: &[u8]| {
             m.nested(ty, |m| {
                 m.attr(NFTA_DATA_VALUE, v);
             });
         };
-        let (name, body): (&str, Box<dyn Fn(&mut MsgBuilder) + '_>) = match self {
-            Expr::Meta(key) => (
-                "meta",
-                Box::new(move |m| {
-                    m.attr_be32(NFTA_META_KEY, *key)
-                        .attr_be32(NFTA_META_DREG, NFT_REG_1);
-                }),
-            ),
-            Expr::Payload { offset, len } => (
-                "payload",
-                Box::new(move |m| {
-                    m.attr_be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
-                        .attr_be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER)
-                        .attr_be32(NFTA_PAYLOAD_OFFSET, *offset)
-                        .attr_be32(NFTA_PAYLOAD_LEN, *len);
-                }),
-            ),
-            Expr::And(mask) => (
-                "bitwise",
-                Box::new(move |m| {
-                    m.attr_be32(NFTA_BITWISE_SREG, NFT_REG_1)
-                        .attr_be32(NFTA_BITWISE_DREG, NFT_REG_1)
-                        .attr_be32(NFTA_BITWISE_LEN, mask.len() as u32);
-                    data_value(m, NFTA_BITWISE_MASK, mask);
-                    data_value(m, NFTA_BITWISE_XOR, &vec![0; mask.len()]);
-                }),
-            ),
-            Expr::Ct(key) => (
-                "ct",
-                Box::new(move |m| {
-                    m.attr_be32(NFTA_CT_KEY, *key)
-                        .attr_be32(NFTA_CT_DREG, NFT_REG_1);
-                }),
-            ),
-            Expr::Cmp { op, data } => (
-                "cmp",
-                Box::new(move |m| {
-                    m.attr_be32(NFTA_CMP_SREG, NFT_REG_1)
-                        .attr_be32(NFTA_CMP_OP, *op);
-                    data_value(m, NFTA_CMP_DATA, data);
-                }),
-            ),
-            Expr::Verdict(code) => (
-                "immediate",
-                Box::new(move |m| {
-                    m.attr_be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT).nested(
-                        NFTA_IMMEDIATE_DATA,
-                        |m| {
-                            m.nested(NFTA_DATA_VERDICT, |m| {
-                                m.attr_be32(NFTA_VERDICT_CODE, *code);
-                            });
-                        },
-                    );
-                }),
-            ),
-            Expr::Masq => ("masq", Box::new(|_| {})),
-        };
-        m.nested(NFTA_LIST_ELEM, |m| {
-            m.attr_str(NFTA_EXPR_NAME, name);
-            m.nested(NFTA_EXPR_DATA, |m| body(m));
-        });
+        match self {
+            Expr::Meta(key) => {
+                m.attr_be32(NFTA_META_KEY, *key)
+                    .attr_be32(NFTA_META_DREG, NFT_REG_1);
+            }
+            Expr::Payload { offset, len } => {
+                m.attr_be32(NFTA_PAYLOAD_DREG, NFT_REG_1)
+                    .attr_be32(NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER)
+                    .attr_be32(NFTA_PAYLOAD_OFFSET, *offset)
+                    .attr_be32(NFTA_PAYLOAD_LEN, *len);
+            }
+            Expr::And(mask) => {
+                m.attr_be32(NFTA_BITWISE_SREG, NFT_REG_1)
+                    .attr_be32(NFTA_BITWISE_DREG, NFT_REG_1)
+                    .attr_be32(NFTA_BITWISE_LEN, mask.len() as u32);
+                value(m, NFTA_BITWISE_MASK, mask);
+                value(m, NFTA_BITWISE_XOR, &vec![0; mask.len()]);
+            }
+            Expr::Ct(key) => {
+                m.attr_be32(NFTA_CT_KEY, *key)
+                    .attr_be32(NFTA_CT_DREG, NFT_REG_1);
+            }
+            Expr::Cmp { op, data } => {
+                m.attr_be32(NFTA_CMP_SREG, NFT_REG_1)
+                    .attr_be32(NFTA_CMP_OP, *op);
+                value(m, NFTA_CMP_DATA, data);
+            }
+            Expr::Verdict(code) => {
+                m.attr_be32(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT).nested(
+                    NFTA_IMMEDIATE_DATA,
+                    |m| {
+                        m.nested(NFTA_DATA_VERDICT, |m| {
+                            m.attr_be32(NFTA_VERDICT_CODE, *code);
+                        });
+                    },
+                );
+            }
+            Expr::Masq => {}
+        }
     }
 }
 

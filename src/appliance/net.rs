@@ -309,10 +309,12 @@ impl fmt::Display for UplinkState {
     }
 }
 
+type Callback = Box<dyn Fn(&UplinkState) + Send>;
+
 /// Keeps the latest uplink state and tells the callback about each change.
 pub struct Reporter {
     state: Mutex<UplinkState>,
-    callback: Mutex<Box<dyn Fn(&UplinkState) + Send>>,
+    callback: Mutex<Callback>,
 }
 
 impl Reporter {

@@ -221,3 +221,51 @@ pub fn ipv4_addrs(ns: &Netns, ifname: &str) -> Vec<(String, u64, Option<u64>)> {
         })
         .collect()
 }
+
+/// A tiny HTTP server on a thread inside a namespace that records who connected.
+pub struct HttpProbe {
+    pub peers: std::sync::Arc<Mutex<Vec<std::net::IpAddr>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HttpProbe {
+    pub fn start(ns: &Netns, addr: &str, body: &'static str) -> HttpProbe {
+        use std::io::{Read, Write};
+        let peers = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (peers.clone(), stop.clone());
+        let listener = ns.enter(|| std::net::TcpListener::bind(addr).unwrap());
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((mut conn, peer)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                p.lock().unwrap().push(peer.ip());
+                let _ = conn.set_nonblocking(false);
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = write!(
+                    conn,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        HttpProbe { peers, stop }
+    }
+}
+
+impl Drop for HttpProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
