@@ -289,7 +289,7 @@ impl Socket {
         Ok(())
     }
 
-    /// Receive one datagram (blocks up to [`RECV_TIMEOUT`]).
+    /// Receive one datagram (blocks for a few seconds at most).
     pub fn recv(&self) -> Result<Vec<Message>> {
         let mut buf = vec![0u8; RECV_BUF];
         loop {
