@@ -13,6 +13,8 @@ pub mod initramfs;
 pub mod inspect;
 pub mod iso;
 pub mod layout;
+pub mod machineconfig;
 pub mod render;
+pub mod sops;
 pub mod tree;
 pub mod util;
