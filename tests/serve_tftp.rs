@@ -320,7 +320,7 @@ fn retransmits_on_timeout_goes_back_on_short_acks_and_rolls_over() {
                 continue; // a resent window overlapping what we have
             }
             got.extend_from_slice(&p[4..]);
-            if expect % 64 == 0 {
+            if expect.is_multiple_of(64) {
                 s.send_to(&ack(b), tid).unwrap();
             }
             expect += 1;
