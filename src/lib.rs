@@ -13,6 +13,7 @@ pub mod initramfs;
 pub mod inspect;
 pub mod iso;
 pub mod layout;
+pub mod publish;
 pub mod render;
 pub mod tree;
 pub mod util;
