@@ -24,6 +24,9 @@ deps:
         $sudo apt-get update -qq
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
+    # Test tools from PyPI: a local S3-compatible server and the AWS CLI as the other client.
+    command -v moto_server >/dev/null || { echo "installing: moto[server]"; python3 -m pip install --quiet 'moto[server]'; }
+    command -v aws >/dev/null || { echo "installing: awscli"; python3 -m pip install --quiet awscli; }
 
 # Run the whole test suite (what CI runs)
 test: deps
@@ -55,9 +58,10 @@ demo: deps fixture-iso
         -drive file={{fixtures}}/demo/bootstrap-pxe.raw,if=virtio,format=raw \
         -nic none
 
-# Benchmark the build against `cp` of a Talos-sized ISO (figures go in BENCHMARKS.md)
+# Benchmark the build against `cp`, compression against `gzip -6`, upload against `aws s3 cp` (figures go in BENCHMARKS.md)
 bench: deps
     command -v hyperfine >/dev/null || { sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo; $sudo apt-get install -y -qq hyperfine >/dev/null; }
     cargo build --locked --release
     tests/fixtures/make-talos-iso.sh {{fixtures}}/talos-bench.iso --bench
     bench/build.sh {{fixtures}}/talos-bench.iso
+    bench/publish.sh {{fixtures}}/talos-bench.iso
