@@ -148,6 +148,33 @@ fn a_failing_part_aborts_the_multipart_upload() {
 }
 
 #[test]
+fn verification_catches_an_object_that_differs() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    // Reads of the image come back with one bit flipped.
+    let proxy = fault_proxy(
+        moto.port,
+        "GET /appliances/bootstrap/v1/bootstrap-pxe.raw",
+        Fault::Corrupt,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("v1");
+    artifacts(&dir);
+    let o = upload(&dir, &proxy.endpoint, &[]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}\n{err}");
+    assert!(
+        err.contains("verifying s3://appliances/bootstrap/v1/bootstrap-pxe.raw"),
+        "{err}"
+    );
+    assert!(err.contains("differ from"), "{err}");
+    assert!(proxy.injected.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    // Without verification the same upload "succeeds": the check is what caught it.
+    let o = upload(&dir, &proxy.endpoint, &["--no-verify"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+}
+
+#[test]
 fn a_missing_bucket_is_a_clear_error() {
     let moto = Moto::start();
     let tmp = tempfile::tempdir().unwrap();

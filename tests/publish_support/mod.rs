@@ -314,6 +314,8 @@ pub enum Fault {
     Status500,
     /// Close the connection halfway through the request body.
     Drop,
+    /// Relay the request, but flip the last byte of the response body.
+    Corrupt,
 }
 
 /// An HTTP proxy to moto that injects `fault` into every request whose request line
@@ -363,7 +365,8 @@ fn relay(
             .header("content-length")
             .map(|v| v.parse().unwrap())
             .unwrap_or(0);
-        if req.line.contains(matching) {
+        let corrupt = matches!(fault, Fault::Corrupt) && req.line.contains(matching);
+        if req.line.contains(matching) && !corrupt {
             counter.fetch_add(1, Ordering::SeqCst);
             match fault {
                 Fault::Status500 => {
@@ -383,14 +386,15 @@ fn relay(
                     r.read_exact(&mut half)?;
                     // Closing with unread data sends a reset.
                 }
+                Fault::Corrupt => unreachable!(),
             }
             return Ok(());
         }
         let mut body = vec![0; len];
         r.read_exact(&mut body)?;
-        (req, body)
+        (req, body, corrupt)
     };
-    let (req, body) = inject;
+    let (req, body, corrupt) = inject;
     let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
     let mut head = format!("{}\r\n", req.line);
     for (k, v) in &req.headers {
@@ -402,7 +406,18 @@ fn relay(
     head.push_str("Connection: close\r\n\r\n");
     up.write_all(head.as_bytes())?;
     up.write_all(&body)?;
-    std::io::copy(&mut up, &mut w)?;
+    if corrupt {
+        let mut resp = Vec::new();
+        up.read_to_end(&mut resp)?;
+        let body_start = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        if resp.len() > body_start {
+            *resp.last_mut().unwrap() ^= 0x01;
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+        w.write_all(&resp)?;
+    } else {
+        std::io::copy(&mut up, &mut w)?;
+    }
     w.shutdown(std::net::Shutdown::Both)
 }
 

@@ -7,20 +7,20 @@
 //! parallel. A failed multipart upload is aborted, so no half-written object or orphaned
 //! parts stay behind. Credentials are only ever read from the environment and never printed.
 
+mod transfer;
+mod verify;
+
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::{ByteStream, Length};
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
+use aws_sdk_s3::types::ServerSideEncryption;
 use aws_sdk_s3::Client;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::{encrypt, sums};
 use crate::cmdline::S3Args;
@@ -367,29 +367,39 @@ pub fn upload_dir(
                 }
                 _ => (it.path.clone(), it.size),
             };
-            let sha256 = {
+            // The whole file's digest for the report, hashed while it uploads.
+            let whole = {
                 let p = path.clone();
-                tokio::task::spawn_blocking(move || -> Result<String> {
-                    let f = std::fs::File::open(&p)
-                        .with_context(|| format!("opening {}", p.display()))?;
-                    util::sha256_reader(f).with_context(|| format!("hashing {}", p.display()))
-                })
-                .await
-                .context("hashing task")??
+                tokio::task::spawn_blocking(move || verify::hash_file(&p))
+            };
+            let target = transfer::Target {
+                client: client.clone(),
+                bucket: bucket.clone(),
+                key: key.clone(),
             };
             let bar = super::bytes_bar(size, &it.rel, run.quiet);
-            let parts = upload_file(&client, s3, &bucket, &key, &path, size, part_bytes, &bar)
+            let parts = transfer::upload_file(&target, s3, &path, size, part_bytes, &bar)
                 .await
                 .with_context(|| {
                     format!("uploading {} to s3://{bucket}/{key}", it.path.display())
                 })?;
             bar.finish_and_clear();
+            let sha256 = whole.await.context("hashing task")??;
             let verified = if s3.no_verify {
                 false
             } else {
-                verify(&client, &bucket, &key, size, &sha256, run.quiet)
-                    .await
-                    .with_context(|| format!("verifying s3://{bucket}/{key}"))?;
+                let bar = super::bytes_bar(size, &format!("verifying {}", it.rel), run.quiet);
+                verify::verify(
+                    &target,
+                    &path,
+                    size,
+                    part_size_for(size, part_bytes),
+                    s3.concurrency,
+                    &bar,
+                )
+                .await
+                .with_context(|| format!("verifying s3://{bucket}/{key}"))?;
+                bar.finish_and_clear();
                 true
             };
             total += size;
@@ -497,291 +507,6 @@ async fn check_bucket(client: &Client, bucket: &str, endpoint: &str) -> Result<(
                 _ => bail!("cannot reach bucket {bucket:?} at {endpoint}: {}", describe(&e)),
             }
         }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn upload_file(
-    client: &Client,
-    s3: &S3Args,
-    bucket: &str,
-    key: &str,
-    path: &Path,
-    size: u64,
-    part_bytes: u64,
-    bar: &indicatif::ProgressBar,
-) -> Result<u64> {
-    let sse = s3.sse.map(Sse::header);
-    if size < part_bytes {
-        let body = ByteStream::read_from()
-            .path(path)
-            .buffer_size(BODY_BUFFER)
-            .build()
-            .await
-            .with_context(|| format!("opening {}", path.display()))?;
-        client
-            .put_object()
-            .bucket(bucket)
-            .key(key)
-            .content_length(size as i64)
-            .content_type(content_type(key))
-            .set_server_side_encryption(sse)
-            .set_ssekms_key_id(s3.sse_kms_key_id.clone())
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| anyhow!("PUT failed: {}", describe(&e)))?;
-        bar.inc(size);
-        return Ok(0);
-    }
-
-    let part_size = part_size_for(size, part_bytes);
-    let n_parts = size.div_ceil(part_size);
-    let created = client
-        .create_multipart_upload()
-        .bucket(bucket)
-        .key(key)
-        .content_type(content_type(key))
-        .set_server_side_encryption(sse)
-        .set_ssekms_key_id(s3.sse_kms_key_id.clone())
-        .send()
-        .await
-        .map_err(|e| anyhow!("starting the multipart upload: {}", describe(&e)))?;
-    let upload_id = created
-        .upload_id()
-        .context("the store started a multipart upload without an upload ID")?
-        .to_string();
-
-    let result = async {
-        let parts =
-            upload_parts(client, s3, bucket, key, &upload_id, path, size, part_size, bar).await?;
-        debug_assert_eq!(parts.len() as u64, n_parts);
-        let completed = client
-            .complete_multipart_upload()
-            .bucket(bucket)
-            .key(key)
-            .upload_id(&upload_id)
-            .multipart_upload(
-                CompletedMultipartUpload::builder()
-                    .set_parts(Some(parts))
-                    .build(),
-            )
-            .send()
-            .await;
-        match completed {
-            Ok(_) => Ok(()),
-            Err(e) if is_unparsed_success(&e) => {
-                // HTTP 200 with a body the SDK can't parse (moto 5.2 names its root element
-                // CompleteMultipartUploadResponse): an S3 error inside a 200 would carry a
-                // code, so this one succeeded. The object's size (and the verification
-                // that follows) tell for sure.
-                let head = client
-                    .head_object()
-                    .bucket(bucket)
-                    .key(key)
-                    .send()
-                    .await
-                    .map_err(|he| {
-                        anyhow!(
-                            "completing the multipart upload: {}; and the object is not there: {}",
-                            describe(&e),
-                            describe(&he)
-                        )
-                    })?;
-                match head.content_length() {
-                    Some(n) if n as u64 == size => Ok(()),
-                    other => Err(anyhow!(
-                        "completing the multipart upload: {}; the object has {other:?} bytes, not {size}",
-                        describe(&e)
-                    )),
-                }
-            }
-            Err(e) => Err(anyhow!("completing the multipart upload: {}", describe(&e))),
-        }
-    }
-    .await;
-
-    match result {
-        Ok(()) => Ok(n_parts),
-        Err(e) => {
-            bar.abandon();
-            // Nothing half-written may stay: drop the parts already stored.
-            let aborted = client
-                .abort_multipart_upload()
-                .bucket(bucket)
-                .key(key)
-                .upload_id(&upload_id)
-                .send()
-                .await;
-            match aborted {
-                Ok(_) => Err(e.context(format!(
-                    "the multipart upload ({n_parts} parts of {}) was aborted; nothing was left in the bucket",
-                    util::human_size(part_size)
-                ))),
-                Err(ae) => Err(e.context(format!(
-                    "and aborting the multipart upload {upload_id} failed too ({}): remove it \
-                     with `aws s3api abort-multipart-upload` or a lifecycle rule",
-                    describe(&ae)
-                ))),
-            }
-        }
-    }
-}
-
-/// Upload every part, `--concurrency` at a time; the first failure (after the SDK's
-/// retries) cancels the rest.
-#[allow(clippy::too_many_arguments)]
-async fn upload_parts(
-    client: &Client,
-    s3: &S3Args,
-    bucket: &str,
-    key: &str,
-    upload_id: &str,
-    path: &Path,
-    size: u64,
-    part_size: u64,
-    bar: &indicatif::ProgressBar,
-) -> Result<Vec<CompletedPart>> {
-    let n_parts = size.div_ceil(part_size);
-    let attempts = s3.retries + 1;
-    let mut set = tokio::task::JoinSet::new();
-    let mut done: Vec<CompletedPart> = Vec::with_capacity(n_parts as usize);
-    let path: Arc<Path> = Arc::from(path);
-    let mut first_err: Option<anyhow::Error> = None;
-    let mut next = 0u64;
-    loop {
-        while first_err.is_none() && next < n_parts && set.len() < s3.concurrency {
-            let number = next + 1;
-            let offset = next * part_size;
-            let len = part_size.min(size - offset);
-            let (client, path, bar) = (client.clone(), path.clone(), bar.clone());
-            let (bucket, key, upload_id) =
-                (bucket.to_string(), key.to_string(), upload_id.to_string());
-            set.spawn(async move {
-                let body = ByteStream::read_from()
-                    .path(&*path)
-                    .offset(offset)
-                    .length(Length::Exact(len))
-                    .buffer_size(BODY_BUFFER)
-                    .build()
-                    .await
-                    .with_context(|| format!("opening {}", path.display()))?;
-                let out = client
-                    .upload_part()
-                    .bucket(bucket)
-                    .key(key)
-                    .upload_id(upload_id)
-                    .part_number(number as i32)
-                    .content_length(len as i64)
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| {
-                        anyhow!(
-                            "part {number} of {n_parts} (bytes {offset}-{}) failed after {attempts} attempt(s): {}",
-                            offset + len - 1,
-                            describe(&e)
-                        )
-                    })?;
-                bar.inc(len);
-                Ok::<_, anyhow::Error>(
-                    CompletedPart::builder()
-                        .part_number(number as i32)
-                        .set_e_tag(out.e_tag)
-                        .build(),
-                )
-            });
-            next += 1;
-        }
-        match set.join_next().await {
-            None => break,
-            Some(Ok(Ok(part))) => done.push(part),
-            Some(Ok(Err(e))) => {
-                if first_err.is_none() {
-                    first_err = Some(e);
-                    // Stop the parts in flight before the upload is aborted, so none of
-                    // them lands after the abort.
-                    set.abort_all();
-                }
-            }
-            Some(Err(join)) if join.is_cancelled() => {}
-            Some(Err(join)) => {
-                if first_err.is_none() {
-                    first_err = Some(anyhow!("a part upload task failed: {join}"));
-                    set.abort_all();
-                }
-            }
-        }
-    }
-    if let Some(e) = first_err {
-        return Err(e);
-    }
-    done.sort_by_key(|p| p.part_number());
-    Ok(done)
-}
-
-/// Read the object back: its size and the SHA-256 of its bytes must match the file's (a
-/// multipart ETag is not an MD5 of the object, so the ETag can't tell).
-async fn verify(
-    client: &Client,
-    bucket: &str,
-    key: &str,
-    size: u64,
-    sha256: &str,
-    quiet: bool,
-) -> Result<()> {
-    let mut obj = client
-        .get_object()
-        .bucket(bucket)
-        .key(key)
-        .send()
-        .await
-        .map_err(|e| anyhow!("reading the object back: {}", describe(&e)))?;
-    if let Some(len) = obj.content_length() {
-        if len as u64 != size {
-            bail!("the object has {len} bytes but the file has {size}");
-        }
-    }
-    let bar = super::bytes_bar(
-        size,
-        &format!("verifying {}", key.rsplit('/').next().unwrap_or(key)),
-        quiet,
-    );
-    let mut h = Sha256::new();
-    let mut n = 0u64;
-    while let Some(chunk) = obj
-        .body
-        .try_next()
-        .await
-        .context("reading the object back")?
-    {
-        h.update(&chunk);
-        n += chunk.len() as u64;
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
-    if n != size {
-        bail!("read back {n} bytes but the file has {size}");
-    }
-    let got = hex::encode(h.finalize());
-    if got != sha256 {
-        bail!("the object's SHA-256 is {got} but the file's is {sha256}");
-    }
-    Ok(())
-}
-
-fn content_type(key: &str) -> &'static str {
-    let name = key.rsplit('/').next().unwrap_or(key);
-    if name == sums::SUMS_NAME || name.ends_with(".sha256") || name.ends_with(".txt") {
-        "text/plain; charset=utf-8"
-    } else if name.ends_with(".gz") {
-        "application/gzip"
-    } else if name.ends_with(".zst") {
-        "application/zstd"
-    } else if name.ends_with(".xz") {
-        "application/x-xz"
-    } else {
-        "application/octet-stream"
     }
 }
 
