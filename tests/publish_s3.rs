@@ -194,6 +194,70 @@ fn a_missing_bucket_is_a_clear_error() {
 }
 
 #[test]
+fn standard_aws_variables_and_profiles_work_too() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("v2");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("a.txt"), b"a\n").unwrap();
+    let plain = |c: &mut Command| {
+        hermetic_env(c);
+        c.arg("upload").arg(&dir).args(["--bucket", BUCKET]);
+    };
+
+    // AWS_* variables only, endpoint included.
+    let mut c = Command::new(bin());
+    plain(&mut c);
+    c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("AWS_REGION", REGION)
+        .env("AWS_ENDPOINT_URL", &moto.endpoint);
+    let o = c.output().unwrap();
+    assert_no_secret(&o);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(text(&o)
+        .0
+        .contains(&format!("{}/{BUCKET}/bootstrap/v2/a.txt", moto.endpoint)));
+
+    // A named profile from config and credentials files.
+    let config = tmp.path().join("config");
+    let creds = tmp.path().join("credentials");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile ci]\nregion = {REGION}\nendpoint_url = {}\n",
+            moto.endpoint
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &creds,
+        format!("[ci]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"),
+    )
+    .unwrap();
+    let mut c = Command::new(bin());
+    plain(&mut c);
+    c.args(["--profile", "ci", "--prefix", "prof"])
+        .env("AWS_CONFIG_FILE", &config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", &creds);
+    let o = c.output().unwrap();
+    assert_no_secret(&o);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(moto.keys(BUCKET).contains(&"prof/a.txt".to_string()));
+
+    // No credentials anywhere: said plainly, before any upload.
+    let mut c = Command::new(bin());
+    plain(&mut c);
+    c.args(["--endpoint", &moto.endpoint]);
+    let o = c.output().unwrap();
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("no S3 credentials"), "{err}");
+    assert_eq!(moto.keys(BUCKET).len(), 2);
+}
+
+#[test]
 fn dry_run_shows_the_plan_without_contacting_anything() {
     // A port nobody listens on: any request would fail.
     let endpoint = format!("http://127.0.0.1:{}", free_port());

@@ -38,6 +38,8 @@ const BODY_BUFFER: usize = 256 << 10;
 /// Environment variables that carry credentials for the original helper script's store.
 const ENV_ACCESS_KEY: &str = "IDRIVE_ACCESS_KEY";
 const ENV_SECRET_KEY: &str = "IDRIVE_SECRET_KEY";
+const NO_CREDENTIALS: &str = "no S3 credentials: set IDRIVE_ACCESS_KEY and IDRIVE_SECRET_KEY, \
+    or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or pass --profile";
 
 /// Server-side encryption requested with `--sse`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -481,6 +483,12 @@ async fn make_client(s3: &S3Args) -> Result<Client> {
         (None, None) => {}
     }
     let sdk = loader.load().await;
+    // Find credentials now, to say plainly what is missing (and never what was found).
+    use aws_sdk_s3::config::ProvideCredentials;
+    let provider = sdk.credentials_provider().context(NO_CREDENTIALS)?;
+    if let Err(e) = provider.provide_credentials().await {
+        bail!("{NO_CREDENTIALS} ({})", error_chain(&e));
+    }
     let mut conf = aws_sdk_s3::config::Builder::from(&sdk)
         .force_path_style(true)
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
