@@ -5,7 +5,11 @@
 //! them (the SDK's default CRC headers on every upload are rejected by several of them).
 //! Small files go up in one PUT; large ones as a multipart upload whose parts go in
 //! parallel. A failed multipart upload is aborted, so no half-written object or orphaned
-//! parts stay behind. Credentials are only ever read from the environment and never printed.
+//! parts stay behind. Every object is then read back in parallel ranges and compared with
+//! the file range by range (`verify`). Credentials are only ever read from the environment
+//! and never printed.
+//!
+//! `transfer` puts one file (PUT or multipart), `verify` reads it back.
 
 mod transfer;
 mod verify;
