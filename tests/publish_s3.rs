@@ -160,15 +160,21 @@ fn verification_catches_an_object_that_differs() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("v1");
     artifacts(&dir);
-    let o = upload(&dir, &proxy.endpoint, &[]);
-    let (out, err) = text(&o);
-    assert!(!o.status.success(), "{out}\n{err}");
-    assert!(
-        err.contains("verifying s3://appliances/bootstrap/v1/bootstrap-pxe.raw"),
-        "{err}"
-    );
-    assert!(err.contains("differ from"), "{err}");
-    assert!(proxy.injected.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    // Read back whole, and in parallel 5 MiB ranges.
+    for extra in [&[][..], &["--verify-range-mib", "5"][..]] {
+        let o = upload(&dir, &proxy.endpoint, extra);
+        let (out, err) = text(&o);
+        assert!(!o.status.success(), "{out}\n{err}");
+        assert!(
+            err.contains("verifying s3://appliances/bootstrap/v1/bootstrap-pxe.raw"),
+            "{err}"
+        );
+        assert!(err.contains("differ from"), "{err}");
+    }
+    assert!(proxy.injected.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    // Ranged reads of an intact object pass.
+    let o = upload(&dir, &moto.endpoint, &["--verify-range-mib", "5"]);
+    assert!(o.status.success(), "{:?}", text(&o));
     // Without verification the same upload "succeeds": the check is what caught it.
     let o = upload(&dir, &proxy.endpoint, &["--no-verify"]);
     assert!(o.status.success(), "{:?}", text(&o));

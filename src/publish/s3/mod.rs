@@ -399,7 +399,7 @@ pub fn upload_dir(
                     &target,
                     &path,
                     size,
-                    part_size_for(size, part_bytes),
+                    part_size_for(size, part_bytes).max(s3.verify_range_mib.max(1) << 20),
                     s3.concurrency,
                     &bar,
                 )
