@@ -18,7 +18,9 @@ use crate::disk::{esp, gpt, rootfs};
 use crate::initramfs::{self, modules};
 use crate::iso::{Iso, IsoEntry};
 use crate::layout::{self, ALIGN, SECTOR};
+use crate::machineconfig;
 use crate::render::{self, Renderer};
+use crate::sops;
 use crate::tree::{Content, FileTree, DIR_MODE, FILE_MODE};
 use crate::util::{self, AtomicFile};
 
@@ -67,6 +69,12 @@ fn parse_mac(flag: &str, v: &str) -> Result<Mac> {
     v.parse().with_context(|| format!("invalid {flag}"))
 }
 
+fn parse_ipv4(flag: &str, v: &str) -> Result<std::net::Ipv4Addr> {
+    v.trim()
+        .parse()
+        .with_context(|| format!("invalid {flag} {v:?}: expected an IPv4 address"))
+}
+
 /// Turn the command line into a validated appliance config (no file access).
 pub fn config_from_args(args: &BuildArgs, boot_files: BootFiles) -> Result<ApplianceConfig> {
     config::check_talos_version(&args.talos_version)?;
@@ -97,6 +105,21 @@ pub fn config_from_args(args: &BuildArgs, boot_files: BootFiles) -> Result<Appli
             .as_deref()
             .map(|m| parse_mac("--uplink-mac", m))
             .transpose()?,
+        uplink_address: args
+            .uplink_address
+            .as_deref()
+            .map(|a| a.parse().context("invalid --uplink-address"))
+            .transpose()?,
+        uplink_gateway: args
+            .uplink_gateway
+            .as_deref()
+            .map(|g| parse_ipv4("--uplink-gateway", g))
+            .transpose()?,
+        uplink_dns: args
+            .uplink_dns
+            .iter()
+            .map(|d| parse_ipv4("--uplink-dns", d))
+            .collect::<Result<_>>()?,
     };
     let cfg = ApplianceConfig {
         schema: config::CONFIG_SCHEMA,
@@ -331,6 +354,22 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     let out_dir = args.out_dir.clone().unwrap_or_else(|| {
         PathBuf::from(format!("artifacts/bootstrap/{}", args.bootstrap_version))
     });
+    // Decrypt (or read) the secrets now, before the slow steps: a wrong key fails fast.
+    // The plaintext stays in memory and goes only into the image.
+    let keys = sops::KeyOptions {
+        age_key_file: args.age_key_file.clone(),
+    };
+    let machine_config = sops::load(&args.config, &keys)
+        .with_context(|| format!("reading machine config {}", args.config.display()))?;
+    let talosconfig = args
+        .talosconfig
+        .as_ref()
+        .map(|p| {
+            sops::load(p, &keys)
+                .map(|t| t.bytes)
+                .with_context(|| format!("reading talosconfig {}", p.display()))
+        })
+        .transpose()?;
 
     steps.step("reading the Talos ISO");
     let iso = Iso::open(&inputs.iso)
@@ -344,6 +383,15 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
             iso.volume_id()
         );
     }
+    // Checked against the release the ISO is now known to be.
+    if !args.skip_config_check {
+        let warnings = machineconfig::check(&machine_config.docs, &cfg.talos_version)
+            .with_context(|| format!("checking machine config {}", args.config.display()))?;
+        for w in warnings {
+            eprintln!("warning: {}: {w}", args.config.display());
+        }
+    }
+    let machine_config = machine_config.bytes;
     let iso_file = |p: &str| -> Result<Content> {
         let e = iso.lookup(p)?.with_context(|| {
             format!(
@@ -388,18 +436,12 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     .context("building the appliance initramfs")?;
 
     steps.step("rendering the appliance config");
-    let machine_config = std::fs::read(&args.config)
-        .with_context(|| format!("reading machine config {}", args.config.display()))?;
-    let talosconfig = match &args.talosconfig {
-        Some(p) => {
-            eprintln!(
-                "warning: serving the talosconfig (cluster admin credential) at /configs/talosconfig to {}",
-                cfg.network.minipc_ip
-            );
-            Some(std::fs::read(p).with_context(|| format!("reading talosconfig {}", p.display()))?)
-        }
-        None => None,
-    };
+    if talosconfig.is_some() {
+        eprintln!(
+            "warning: serving the talosconfig (cluster admin credential) at /configs/talosconfig to {}",
+            cfg.network.minipc_ip
+        );
+    }
     let renderer = Renderer::new(args.templates.as_deref())?;
     let cfg_toml = cfg.to_toml()?;
 
@@ -504,6 +546,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         disk_guid,
         partitions: vec![
             gpt::Partition {
+                number: 1,
                 type_guid: gpt::Guid::parse(layout::ESP_TYPE_GUID)?,
                 unique_guid: esp_guid,
                 first_lba: esp_off / SECTOR,
@@ -511,6 +554,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
                 name: layout::ESP_PART_NAME.into(),
             },
             gpt::Partition {
+                number: 2,
                 type_guid: gpt::Guid::parse(layout::ROOT_TYPE_GUID)?,
                 unique_guid: root_guid,
                 first_lba: root_off / SECTOR,
@@ -565,11 +609,16 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         use std::os::unix::fs::MetadataExt;
         file.metadata()?.blocks() * 512
     };
-    out.commit()?;
-    util::write_atomic(
-        &out_dir.join(format!("{IMAGE_NAME}.sha256")),
-        format!("{sha256}  {IMAGE_NAME}\n").as_bytes(),
-    )?;
+    // The image and its checksum appear together or not at all, Ctrl-C or not.
+    let sha_path = out_dir.join(format!("{IMAGE_NAME}.sha256"));
+    util::with_signals_blocked(|| -> Result<()> {
+        out.commit()?;
+        util::write_atomic(&sha_path, format!("{sha256}  {IMAGE_NAME}\n").as_bytes()).inspect_err(
+            |_| {
+                let _ = std::fs::remove_file(&dest);
+            },
+        )
+    })?;
     steps.done();
     let published = crate::publish::after_build(args, &dest, &sha256)?;
 

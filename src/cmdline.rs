@@ -29,6 +29,9 @@ pub enum Command {
     Build(Box<BuildArgs>),
     /// Read a built image back (no root needed) and check it is a valid appliance
     Inspect(InspectArgs),
+    /// Decrypt a SOPS-encrypted config (age recipients) and print it on stdout, as the
+    /// build does; plaintext files are printed unchanged
+    Decrypt(DecryptArgs),
     /// Compress an artifact (reproducible, parallel) and write SHA256SUMS beside it
     Compress(CompressArgs),
     /// Upload a directory of artifacts to an S3-compatible bucket and verify every object
@@ -62,6 +65,14 @@ pub struct BuildArgs {
     /// admin credential and the node never needs it
     #[arg(long, value_name = "PATH")]
     pub talosconfig: Option<PathBuf>,
+    /// Age key file for SOPS-encrypted configs, tried before SOPS_AGE_KEY,
+    /// SOPS_AGE_KEY_FILE, SOPS_AGE_KEY_CMD and ~/.config/sops/age/keys.txt
+    #[arg(long, value_name = "PATH")]
+    pub age_key_file: Option<PathBuf>,
+    /// Do not check that --config is a Talos machine config (version v1alpha1, a machine
+    /// type, a cluster section)
+    #[arg(long)]
+    pub skip_config_check: bool,
     /// iPXE for x86-64 UEFI clients [default: the first of /usr/lib/ipxe/ipxe.efi,
     /// /usr/share/ipxe/ipxe.efi, /usr/share/ipxe/ipxe-x86_64.efi]. Use snponly.efi for NICs
     /// iPXE has no driver for (it drives the NIC through the firmware's own UNDI/SNP)
@@ -110,6 +121,17 @@ pub struct BuildArgs {
     /// MAC of the appliance VM's uplink NIC [default: the other NIC]
     #[arg(long, value_name = "MAC")]
     pub uplink_mac: Option<String>,
+    /// Static uplink address for networks without DHCP, e.g. 192.168.1.50/24
+    /// [default: DHCP on the uplink]
+    #[arg(long, value_name = "CIDR")]
+    pub uplink_address: Option<String>,
+    /// Default gateway for the static --uplink-address
+    #[arg(long, value_name = "IP")]
+    pub uplink_gateway: Option<String>,
+    /// DNS servers the appliance forwards the node's queries to (comma-separated or
+    /// repeated); with DHCP they replace the servers the lease names
+    #[arg(long, value_name = "IP", value_delimiter = ',')]
+    pub uplink_dns: Vec<String>,
     /// Extra kernel arguments for the Talos node (appended to the Talos PXE defaults)
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     pub extra_kernel_args: Option<String>,
@@ -147,6 +169,21 @@ pub struct InspectArgs {
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_long_help = "Keys are looked up as sops does: --age-key-file, SOPS_AGE_KEY,\n\
+    SOPS_AGE_KEY_FILE, SOPS_AGE_KEY_CMD, then $XDG_CONFIG_HOME/sops/age/keys.txt\n\
+    (~/.config/sops/age/keys.txt); for ssh-ed25519 recipients SOPS_AGE_SSH_PRIVATE_KEY_FILE\n\
+    or ~/.ssh/id_ed25519. The MAC is always verified."
+)]
+pub struct DecryptArgs {
+    /// SOPS-encrypted YAML or JSON file
+    pub file: PathBuf,
+    /// Age key file, tried before the environment and the default key file
+    #[arg(long, value_name = "PATH")]
+    pub age_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

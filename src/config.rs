@@ -216,6 +216,15 @@ pub struct Network {
     pub lease_secs: u32,
     pub internal_mac: Option<Mac>,
     pub uplink_mac: Option<Mac>,
+    /// Static uplink address for networks without DHCP; `None` = DHCP on the uplink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_address: Option<Ipv4Cidr>,
+    /// Default gateway with a static uplink address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_gateway: Option<Ipv4Addr>,
+    /// DNS servers the forwarder relays to; with DHCP they replace the lease's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uplink_dns: Vec<Ipv4Addr>,
 }
 
 impl Network {
@@ -247,6 +256,41 @@ impl Network {
         );
         if let (Some(i), Some(u)) = (self.internal_mac, self.uplink_mac) {
             ensure!(i != u, "--internal-mac and --uplink-mac are both {i}");
+        }
+        self.validate_uplink()
+    }
+
+    fn validate_uplink(&self) -> Result<()> {
+        let a = self.appliance;
+        if let Some(u) = self.uplink_address {
+            ensure!(
+                !a.contains(u.network()) && !u.contains(a.network()),
+                "--uplink-address {u} overlaps the PXE subnet {}/{}: the uplink must be \
+                 another network",
+                a.network(),
+                a.prefix
+            );
+        }
+        if let Some(g) = self.uplink_gateway {
+            let u = self
+                .uplink_address
+                .with_context(|| format!("--uplink-gateway {g} needs --uplink-address"))?;
+            ensure!(
+                u.is_host(g) && g != u.addr,
+                "--uplink-gateway {g} is not another host address inside {u} (subnet {}/{})",
+                u.network(),
+                u.prefix
+            );
+        }
+        for d in &self.uplink_dns {
+            ensure!(
+                !(d.is_unspecified() || d.is_broadcast() || d.is_multicast() || d.is_loopback()),
+                "--uplink-dns {d} is not a usable DNS server address"
+            );
+            ensure!(
+                !a.contains(*d),
+                "--uplink-dns {d} is inside the PXE subnet; give the uplink side's DNS servers"
+            );
         }
         Ok(())
     }
@@ -385,6 +429,9 @@ mod tests {
             lease_secs: 3600,
             internal_mac: None,
             uplink_mac: None,
+            uplink_address: None,
+            uplink_gateway: None,
+            uplink_dns: Vec::new(),
         };
         n.validate().unwrap();
         n.minipc_ip = Ipv4Addr::new(10, 10, 11, 100);
@@ -399,6 +446,57 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("appliance's own"));
+    }
+
+    #[test]
+    fn uplink_static_settings() {
+        let mut n = Network {
+            appliance: "10.10.10.2/24".parse().unwrap(),
+            minipc_ip: Ipv4Addr::new(10, 10, 10, 100),
+            dhcp_range: (Ipv4Addr::new(10, 10, 10, 50), Ipv4Addr::new(10, 10, 10, 60)),
+            lease_secs: 3600,
+            internal_mac: None,
+            uplink_mac: None,
+            uplink_address: Some("192.168.1.50/24".parse().unwrap()),
+            uplink_gateway: Some(Ipv4Addr::new(192, 168, 1, 1)),
+            uplink_dns: vec![Ipv4Addr::new(192, 168, 1, 1), Ipv4Addr::new(9, 9, 9, 9)],
+        };
+        n.validate().unwrap();
+        let err = |n: &Network| n.validate().unwrap_err().to_string();
+        n.uplink_gateway = Some(Ipv4Addr::new(192, 168, 2, 1));
+        assert!(err(&n).contains("not another host address inside"));
+        n.uplink_gateway = Some(Ipv4Addr::new(192, 168, 1, 50));
+        assert!(err(&n).contains("not another host address inside"));
+        n.uplink_gateway = Some(Ipv4Addr::new(192, 168, 1, 1));
+        n.uplink_address = Some("10.10.10.9/16".parse().unwrap());
+        assert!(err(&n).contains("overlaps the PXE subnet"));
+        n.uplink_address = None;
+        assert!(err(&n).contains("needs --uplink-address"));
+        n.uplink_gateway = None;
+        n.validate().unwrap(); // DNS alone overrides DHCP's servers
+        n.uplink_dns = vec![Ipv4Addr::new(127, 0, 0, 1)];
+        assert!(err(&n).contains("not a usable DNS server"));
+        n.uplink_dns = vec![Ipv4Addr::new(10, 10, 10, 1)];
+        assert!(err(&n).contains("inside the PXE subnet"));
+    }
+
+    #[test]
+    fn old_configs_without_uplink_settings_still_parse() {
+        let n: Network = toml::from_str(
+            r#"
+            appliance = "10.10.10.2/24"
+            minipc_ip = "10.10.10.100"
+            dhcp_range = ["10.10.10.50", "10.10.10.60"]
+            lease_secs = 43200
+            "#,
+        )
+        .unwrap();
+        assert_eq!(n.uplink_address, None);
+        assert_eq!(n.uplink_gateway, None);
+        assert!(n.uplink_dns.is_empty());
+        // And unset settings stay out of the rendered file.
+        let text = toml::to_string(&n).unwrap();
+        assert!(!text.contains("uplink"), "{text}");
     }
 
     #[test]

@@ -3,14 +3,18 @@ use clap::Parser;
 use mkappliance::cmdline::{Cli, Command};
 
 fn main() {
-    // Inside the appliance the kernel starts us as /init with PID 1.
-    if std::process::id() == 1 {
+    // Inside the appliance the kernel starts us as /init (PID 1). Started as `init`
+    // elsewhere, run() refuses rather than mounting over the host's /proc.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let as_init = std::path::Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new("init"));
+    if as_init || std::process::id() == 1 {
         mkappliance::appliance::init::run();
     }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Build(args) => mkappliance::builder::build(&args).map(|_| ()),
         Command::Inspect(args) => mkappliance::inspect::inspect(&args),
+        Command::Decrypt(args) => decrypt(&args),
         Command::Compress(args) => mkappliance::publish::compress_cmd(&args),
         Command::Upload(args) => mkappliance::publish::upload_cmd(&args),
         Command::Fetch(cmd) => mkappliance::publish::fetch_cmd(&cmd),
@@ -20,4 +24,23 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `mkappliance decrypt FILE`: the plaintext on stdout.
+fn decrypt(args: &mkappliance::cmdline::DecryptArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let keys = mkappliance::sops::KeyOptions {
+        age_key_file: args.age_key_file.clone(),
+    };
+    let plain = mkappliance::sops::load(&args.file, &keys)?;
+    if !plain.was_encrypted {
+        eprintln!(
+            "note: {} is not SOPS-encrypted; printing it unchanged",
+            args.file.display()
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(&plain.bytes)?;
+    out.flush()?;
+    Ok(())
 }

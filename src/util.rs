@@ -43,6 +43,15 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
+/// Forget the pending temp file (it was renamed, removed, or never created).
+fn clear_pending() {
+    let p = PENDING.swap(std::ptr::null_mut(), Ordering::SeqCst);
+    if !p.is_null() {
+        // SAFETY: p came from CString::into_raw.
+        drop(unsafe { CString::from_raw(p) });
+    }
+}
+
 /// An output file written under a temporary name in its final directory, mode 0600, and
 /// renamed into place by [`AtomicFile::commit`]. Dropped without commit (error, panic) or
 /// interrupted by Ctrl-C, it removes itself, so nothing half-written is ever left.
@@ -66,13 +75,8 @@ impl AtomicFile {
             name.to_string_lossy(),
             std::process::id()
         ));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+        // Arm the Ctrl-C cleanup before the file exists, so no signal can fall between
+        // creating it and being able to remove it (unlinking a missing path is harmless).
         HANDLER.call_once(|| {
             // SAFETY: installing a handler that only calls async-signal-safe functions.
             unsafe {
@@ -87,6 +91,19 @@ impl AtomicFile {
                 drop(unsafe { CString::from_raw(old) });
             }
         }
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                clear_pending();
+                return Err(e).with_context(|| format!("creating {}", tmp.display()));
+            }
+        };
         Ok(AtomicFile {
             file: Some(file),
             tmp,
@@ -98,14 +115,6 @@ impl AtomicFile {
         self.file.as_ref().expect("file present until commit")
     }
 
-    fn disarm(&self) {
-        let p = PENDING.swap(std::ptr::null_mut(), Ordering::SeqCst);
-        if !p.is_null() {
-            // SAFETY: p came from CString::into_raw.
-            drop(unsafe { CString::from_raw(p) });
-        }
-    }
-
     /// Rename into place. No fsync, like cp or a compiler: a full flush of a few hundred
     /// MB would dominate the build, and a torn file after a power cut is caught by the
     /// `.sha256` written beside it.
@@ -115,7 +124,7 @@ impl AtomicFile {
         std::fs::rename(&self.tmp, &self.dest).with_context(|| {
             format!("renaming {} to {}", self.tmp.display(), self.dest.display())
         })?;
-        self.disarm();
+        clear_pending();
         Ok(())
     }
 }
@@ -123,9 +132,26 @@ impl AtomicFile {
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         if self.file.take().is_some() {
-            self.disarm();
+            clear_pending();
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// Run `f` with SIGINT and SIGTERM held back, so a Ctrl-C cannot land between the steps
+/// that publish a build's artifacts (it is delivered, and acted on, right after).
+pub fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset_t is initialised by sigemptyset; sigprocmask only changes our mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
     }
 }
 

@@ -114,6 +114,10 @@ fn image_boots_under_ovmf_to_the_ready_line() {
         ready.contains(&format!("kver={}", fixture::kernel_version())),
         "{ready}"
     );
+    assert!(
+        !ready.contains("modules_failed"),
+        "a bundled module failed to load: {text}"
+    );
     assert!(!text.contains("MKAPPLIANCE-ERROR"), "{text}");
     assert!(!text.contains("Kernel panic"), "{text}");
 }

@@ -289,7 +289,7 @@ fn builds_are_reproducible_and_inputs_change_guids() {
     assert!(ia == ib, "two builds of the same inputs differ");
 
     let c = tmp.path().join("c");
-    let mut cmd = build_cmd(&iso, &c, &[]);
+    let cmd = build_cmd(&iso, &c, &[]);
     let args: Vec<_> = cmd.get_args().map(|s| s.to_os_string()).collect();
     let mut cmd2 = Command::new(bin());
     cmd2.args(args.iter().map(|a| {

@@ -5,13 +5,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{Cursor, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use mkappliance::initramfs::{
     self, cpio, elf, extract_rootfs_sqsh, read_entries, select_modules, write_appliance_initramfs,
     InitramfsSpec, Module, ModuleSet, APPLIANCE_MODULES,
 };
+
+#[path = "common/fixture.rs"]
+mod fixture;
 
 const MTIME: u32 = 1_700_000_000;
 
@@ -437,89 +440,6 @@ fn select_modules_needs_exactly_one_kernel() {
     assert!(select_modules(fs::File::open(&not_sqsh).unwrap(), &["x"]).is_err());
 }
 
-/// Debian's cloud kernel, extracted once into the fixture cache, with modules.dep made by
-/// the real depmod. Layout like Talos: modules in usr/lib/modules, `lib` -> `usr/lib`.
-/// Returns (root, kver).
-fn debian_cloud_kernel() -> (PathBuf, String) {
-    let cache = std::env::var_os("MKAPPLIANCE_FIXTURE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".fixtures"));
-    fs::create_dir_all(&cache).unwrap();
-    let depends = Command::new("apt-cache")
-        .args(["depends", "linux-image-cloud-amd64"])
-        .output()
-        .unwrap();
-    let pkg = String::from_utf8_lossy(&depends.stdout)
-        .split_whitespace()
-        .find(|w| {
-            w.starts_with("linux-image-")
-                && w.ends_with("-cloud-amd64")
-                && *w != "linux-image-cloud-amd64"
-        })
-        .map(str::to_string);
-    let pkg = match pkg {
-        Some(p) => p,
-        // Offline or no apt lists: fall back to whatever an earlier run cached.
-        None => fs::read_dir(&cache)
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .find(|n| n.starts_with("linux-image-") && n.ends_with("-cloud-amd64"))
-            .expect("linux-image-cloud-amd64 is unknown to apt (run apt-get update) and nothing is cached"),
-    };
-    let root = cache.join(&pkg);
-    if !root.join("usr/lib/modules").is_dir() {
-        // Unique scratch name: several test processes may fill the cache at once.
-        let work = cache.join(format!("{pkg}.partial-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&work);
-        fs::create_dir_all(work.join("deb")).unwrap();
-        run(
-            Command::new("apt-get")
-                .args(["download", "-q", &pkg])
-                .current_dir(work.join("deb")),
-            b"",
-        );
-        let deb = fs::read_dir(work.join("deb"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let tree = work.join("root");
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree), b"");
-        if tree.join("lib/modules").is_dir() && !tree.join("lib").is_symlink() {
-            fs::create_dir_all(tree.join("usr/lib")).unwrap();
-            fs::rename(tree.join("lib/modules"), tree.join("usr/lib/modules")).unwrap();
-            fs::remove_dir(tree.join("lib")).unwrap();
-        }
-        if !tree.join("lib").exists() {
-            std::os::unix::fs::symlink("usr/lib", tree.join("lib")).unwrap();
-        }
-        let kver = only_kver(&tree);
-        // Debian makes modules.dep at install time; so do we, with the real depmod.
-        run(Command::new("depmod").arg("-b").arg(&tree).arg(&kver), b"");
-        // Whoever renames first wins; a loser's copy is identical and simply dropped.
-        if fs::rename(&tree, &root).is_err() {
-            assert!(
-                root.join("usr/lib/modules").is_dir(),
-                "could not populate {}",
-                root.display()
-            );
-        }
-        fs::remove_dir_all(&work).unwrap();
-    }
-    let kver = only_kver(&root);
-    (root, kver)
-}
-
-fn only_kver(root: &Path) -> String {
-    let kvers: Vec<String> = fs::read_dir(root.join("usr/lib/modules"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    assert_eq!(kvers.len(), 1, "{kvers:?}");
-    kvers.into_iter().next().unwrap()
-}
-
 /// What kmod says about a module: Ok(load order of module paths) or Err(builtin/unknown).
 fn modprobe_show_depends(root: &Path, kver: &str, name: &str) -> Result<Vec<String>, String> {
     let out = Command::new("modprobe")
@@ -551,7 +471,7 @@ fn modprobe_show_depends(root: &Path, kver: &str, name: &str) -> Result<Vec<Stri
 
 #[test]
 fn select_modules_agrees_with_kmod_on_debian_cloud_kernel() {
-    let (root, kver) = debian_cloud_kernel();
+    let (root, kver) = fixture::depmod_root();
     let dir = tempdir();
     let sqsh = dir.path().join("rootfs.sqsh");
     mksquashfs(&root, &sqsh);

@@ -23,6 +23,9 @@ fn sample() -> ApplianceConfig {
             lease_secs: 43200,
             internal_mac: None,
             uplink_mac: None,
+            uplink_address: None,
+            uplink_gateway: None,
+            uplink_dns: Vec::new(),
         },
         talos_kernel_args: ApplianceConfig::default_kernel_args(
             "10.10.10.2".parse().unwrap(),
@@ -98,21 +101,27 @@ fn dnsmasq_conf_passes_dnsmasq_test() {
     );
 }
 
+/// `nginx -t` binds the listen address, so run it in a private network namespace that
+/// has the appliance address (unprivileged: a user namespace maps us to root).
+fn nginx_t(dir: &std::path::Path, conf: &std::path::Path) -> std::process::Output {
+    let script = format!(
+        "ip link set lo up && ip addr add 10.10.10.2/24 dev lo && exec nginx -t -q -p '{}' -c '{}'",
+        dir.display(),
+        conf.display()
+    );
+    Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "sh", "-c", &script])
+        .output()
+        .expect("run nginx in a network namespace")
+}
+
 #[test]
 fn nginx_conf_passes_nginx_t() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("nginx.conf");
     let text = render(render::NGINX_CONF);
     std::fs::write(&conf, &text).unwrap();
-    let out = Command::new("nginx")
-        .arg("-t")
-        .arg("-q")
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-c")
-        .arg(&conf)
-        .output()
-        .expect("run nginx");
+    let out = nginx_t(dir.path(), &conf);
     assert!(
         out.status.success(),
         "nginx -t: {}",
@@ -123,14 +132,9 @@ fn nginx_conf_passes_nginx_t() {
         text.replace("autoindex off;", "autoindex off; no_such_directive 1;"),
     )
     .unwrap();
-    let bad = Command::new("nginx")
-        .args(["-t", "-q", "-p"])
-        .arg(dir.path())
-        .arg("-c")
-        .arg(&conf)
-        .output()
-        .unwrap();
+    let bad = nginx_t(dir.path(), &conf);
     assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no_such_directive"));
     for needle in [
         "listen 10.10.10.2:80;",
         "root /srv/http;",

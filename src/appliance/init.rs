@@ -4,15 +4,15 @@
 //! mount the pseudo filesystems, load the (signed) modules the Talos kernel keeps out of
 //! its image, find the root partition by the GPT unique GUID named on the command line,
 //! and mount it. Then it tells every console that it is ready (tests wait for that line)
-//! and stays PID 1 forever: reaping orphans and powering off cleanly on request.
+//! and stays PID 1 forever: reaping orphans and powering off cleanly on SIGTERM,
+//! SIGINT (Ctrl-Alt-Del) or an ACPI power-button press.
 //! Failures are printed as `MKAPPLIANCE-ERROR …` and it stays alive, because an exiting
 //! PID 1 is a kernel panic that hides the message an operator needs.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,10 @@ use anyhow::{bail, Context, Result};
 
 use super::console::Consoles;
 use super::gptscan::{scan_block_devices, Guid, Scan};
-use crate::layout::{INITRD_MODULES_ORDER, READY_MARKER, ROOT_PARAM, SYSROOT};
+use super::kcmdline::{root_guid_from_cmdline, PARTUUID_PREFIX};
+use super::powerbutton::PowerButton;
+use super::supervise::{supervise, SignalFd, HANDLED_SIGNALS};
+use crate::layout::{INITRD_MODULES_ORDER, READY_MARKER, SYSROOT};
 
 /// The line printed (after the marker) when the appliance cannot come up.
 pub const ERROR_MARKER: &str = "MKAPPLIANCE-ERROR";
@@ -36,14 +39,10 @@ const SYS_CLASS_BLOCK: &str = "/sys/class/block";
 const DEV_DIR: &str = "/dev";
 /// Filesystem type of the appliance rootfs (built into the Talos kernel).
 const ROOT_FSTYPE: &str = "ext4";
-/// The root prefix `mkappliance.root=` accepts.
-const PARTUUID_PREFIX: &str = "PARTUUID=";
 
 /// Drivers probe asynchronously after `finit_module` returns: poll this long for the disk.
 const ROOT_WAIT: Duration = Duration::from_secs(10);
 const ROOT_POLL: Duration = Duration::from_millis(100);
-/// How long children get between SIGTERM and SIGKILL at power-off.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// `finit_module` flag (Linux 6.4+): the kernel decompresses the module itself.
 const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
@@ -129,7 +128,15 @@ pub fn run() -> ! {
         Ok(facts) => consoles.line(&format!("{READY_MARKER} {facts}")),
         Err(e) => consoles.line(&format!("{ERROR_MARKER} {e:#}")),
     }
-    supervise(&consoles, signals)
+    // The hypervisor's "shut down" presses the ACPI power button.
+    let button = match PowerButton::open() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            consoles.line(&format!("power button: not watched: {e:#}"));
+            None
+        }
+    };
+    supervise(&consoles, signals, button)
 }
 
 /// What the ready line reports.
@@ -200,7 +207,7 @@ fn ensure_std_fds() {
     }
 }
 
-fn mount(
+pub(super) fn mount(
     source: &str,
     target: &str,
     fstype: &str,
@@ -254,6 +261,8 @@ pub struct ModuleSummary {
     pub loaded: usize,
     /// Already loaded or built in (EEXIST).
     pub already: usize,
+    /// For hardware this machine lacks (ENODEV), e.g. crc32c-intel without SSE4.2.
+    pub no_device: usize,
     pub failed: usize,
 }
 
@@ -311,6 +320,8 @@ fn load_modules(list: &Path, consoles: &Consoles) -> Result<ModuleSummary> {
         match finit_module(path) {
             Ok(()) => summary.loaded += 1,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => summary.already += 1,
+            // Drivers for absent hardware refuse to load; that is not a fault.
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => summary.no_device += 1,
             Err(e) => {
                 summary.failed += 1;
                 consoles.line(&format!("modules: loading {path} failed: {e}"));
@@ -318,82 +329,14 @@ fn load_modules(list: &Path, consoles: &Consoles) -> Result<ModuleSummary> {
         }
     }
     consoles.line(&format!(
-        "modules: {} loaded, {} already present, {} failed in {} ms",
+        "modules: {} loaded, {} already present, {} not for this hardware, {} failed in {} ms",
         summary.loaded,
         summary.already,
+        summary.no_device,
         summary.failed,
         start.elapsed().as_millis()
     ));
     Ok(summary)
-}
-
-/// Split a kernel command line into `key[=value]` words the way the kernel does:
-/// whitespace separates, double quotes group (and are dropped), `--` ends the
-/// kernel's part (what follows is for init).
-pub fn cmdline_words(cmdline: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut in_quotes = false;
-    let mut has_word = false;
-    for c in cmdline.chars() {
-        match c {
-            '"' => {
-                in_quotes = !in_quotes;
-                has_word = true;
-            }
-            c if c.is_whitespace() && !in_quotes => {
-                if has_word {
-                    words.push(std::mem::take(&mut word));
-                    has_word = false;
-                }
-            }
-            c => {
-                word.push(c);
-                has_word = true;
-            }
-        }
-    }
-    if has_word {
-        words.push(word);
-    }
-    if let Some(end) = words.iter().position(|w| w == "--") {
-        words.truncate(end);
-    }
-    words
-}
-
-/// The value of `key=` on a kernel command line; the last occurrence wins, as for the
-/// kernel's own parameters.
-pub fn cmdline_param(cmdline: &str, key: &str) -> Option<String> {
-    cmdline_words(cmdline)
-        .into_iter()
-        .filter_map(|w| {
-            w.split_once('=')
-                .filter(|(k, _)| *k == key)
-                .map(|(_, v)| v.to_string())
-        })
-        .next_back()
-}
-
-/// Parse a root spec `PARTUUID=<GUID>` (the only form the appliance writes).
-pub fn parse_root_spec(spec: &str) -> Result<Guid> {
-    let Some(guid) = spec
-        .get(..PARTUUID_PREFIX.len())
-        .filter(|p| p.eq_ignore_ascii_case(PARTUUID_PREFIX))
-        .map(|_| &spec[PARTUUID_PREFIX.len()..])
-    else {
-        bail!("{ROOT_PARAM}={spec} is not of the form {PARTUUID_PREFIX}<GUID>");
-    };
-    guid.parse()
-        .with_context(|| format!("parsing {ROOT_PARAM}={spec}"))
-}
-
-/// The root partition's unique GUID from the kernel command line.
-pub fn root_guid_from_cmdline(cmdline: &str) -> Result<Guid> {
-    let spec = cmdline_param(cmdline, ROOT_PARAM).with_context(|| {
-        format!("no {ROOT_PARAM}={PARTUUID_PREFIX}<GUID> on the kernel command line")
-    })?;
-    parse_root_spec(&spec)
 }
 
 /// Poll the block devices until a GPT partition with this unique GUID shows up.
@@ -438,232 +381,9 @@ fn uptime_ms() -> u128 {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32).as_millis()
 }
 
-/// Signals PID 1 acts on; all are blocked and read from a signalfd.
-const HANDLED_SIGNALS: [libc::c_int; 3] = [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT];
-
-/// A signalfd over a set of signals that this function blocks for the whole process.
-struct SignalFd {
-    fd: OwnedFd,
-}
-
-impl SignalFd {
-    fn new(signals: &[libc::c_int]) -> Result<Self> {
-        // SAFETY: the sigset is initialised by sigemptyset before use; the fd returned by
-        // signalfd is owned by the OwnedFd.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for &s in signals {
-                libc::sigaddset(&mut set, s);
-            }
-            if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-                return Err(io::Error::last_os_error()).context("sigprocmask");
-            }
-            let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
-            if fd < 0 {
-                return Err(io::Error::last_os_error()).context("signalfd");
-            }
-            Ok(SignalFd {
-                fd: OwnedFd::from_raw_fd(fd),
-            })
-        }
-    }
-
-    /// Read one pending signal number (blocks until one arrives).
-    fn read(&self) -> io::Result<u32> {
-        // SAFETY: signalfd_siginfo is plain old data; read fills at most its size.
-        unsafe {
-            let mut info: libc::signalfd_siginfo = std::mem::zeroed();
-            let size = std::mem::size_of::<libc::signalfd_siginfo>();
-            let n = libc::read(
-                self.fd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            );
-            if n == size as isize {
-                Ok(info.ssi_signo)
-            } else if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "short signalfd read",
-                ))
-            }
-        }
-    }
-}
-
-/// Reap every exited child without blocking; orphans of the whole system end up here.
-fn reap_children() {
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid with WNOHANG only writes status.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            break;
-        }
-    }
-}
-
-/// PID 1's main loop: never returns.
-///
-/// Events come from the signalfd: SIGCHLD reaps, SIGTERM and SIGINT (Ctrl-Alt-Del, see
-/// RB_DISABLE_CAD) power off.
-// POWER BUTTON: an ACPI power-button press arrives as KEY_POWER on the input device whose
-// name is "Power Button" (/dev/input/event*, needs the `button` and `evdev` drivers).
-// Watching it means polling that fd next to the signalfd and calling `power_off` on a
-// press; until then a hypervisor's "shut down" has no effect.
-fn supervise(consoles: &Consoles, signals: Option<SignalFd>) -> ! {
-    loop {
-        let Some(signals) = &signals else {
-            // Without a signalfd all we can still do is reap, slowly.
-            reap_children();
-            std::thread::sleep(Duration::from_secs(1));
-            continue;
-        };
-        match signals.read() {
-            Ok(sig) if sig == libc::SIGCHLD as u32 => reap_children(),
-            Ok(sig) if sig == libc::SIGTERM as u32 => power_off(consoles, "SIGTERM"),
-            Ok(sig) if sig == libc::SIGINT as u32 => power_off(consoles, "SIGINT"),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                consoles.line(&format!("mkappliance: reading signals: {e}"));
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        }
-    }
-}
-
-/// Stop everything, flush the root filesystem and power the machine off.
-fn power_off(consoles: &Consoles, reason: &str) -> ! {
-    consoles.line(&format!("mkappliance: {reason}: powering off"));
-    stop_all_processes();
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
-    if let Err(e) = unmount_sysroot() {
-        consoles.line(&format!("mkappliance: {e:#}"));
-    }
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
-    consoles.line("mkappliance: power off");
-    // SAFETY: reboot(RB_POWER_OFF) does not return on success.
-    unsafe { libc::reboot(libc::RB_POWER_OFF) };
-    consoles.line(&format!(
-        "{ERROR_MARKER} power off failed: {}",
-        io::Error::last_os_error()
-    ));
-    // PID 1 must not exit, even now.
-    loop {
-        reap_children();
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-/// SIGTERM every other process, give them a moment, then SIGKILL the rest.
-fn stop_all_processes() {
-    // SAFETY: kill(-1, …) signals every process but PID 1 itself and kernel threads.
-    if unsafe { libc::kill(-1, libc::SIGTERM) } != 0 {
-        return; // ESRCH: there are none
-    }
-    let deadline = Instant::now() + SHUTDOWN_GRACE;
-    while Instant::now() < deadline {
-        let mut status = 0;
-        // SAFETY: waitpid with WNOHANG only writes status.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid < 0 {
-            return; // ECHILD: all gone
-        }
-        if pid == 0 {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    // SAFETY: as above.
-    unsafe { libc::kill(-1, libc::SIGKILL) };
-    reap_children();
-}
-
-/// Unmount the rootfs so it is clean on the next boot; fall back to a read-only remount.
-fn unmount_sysroot() -> Result<()> {
-    let target = CString::new(Path::new(SYSROOT).as_os_str().as_bytes())
-        .context("sysroot path contains NUL")?;
-    // SAFETY: target is a valid NUL-terminated path.
-    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EINVAL) {
-        return Ok(()); // not mounted (booting had failed)
-    }
-    mount("none", SYSROOT, "", libc::MS_REMOUNT | libc::MS_RDONLY, "").with_context(|| {
-        format!("unmounting {SYSROOT} failed ({err}), and so did remounting it read-only")
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const DEBIAN_LIKE: &str = "BOOT_IMAGE=/vmlinuz console=tty0 console=ttyS0,115200 \
-        mkappliance.root=PARTUUID=6e0b9e2a-5a47-4c1b-9e0d-3f2b1c4d5e6f quiet\n";
-
-    #[test]
-    fn finds_the_root_guid_on_the_command_line() {
-        let g = root_guid_from_cmdline(DEBIAN_LIKE).unwrap();
-        assert_eq!(g.to_string(), "6E0B9E2A-5A47-4C1B-9E0D-3F2B1C4D5E6F");
-        // GPT byte order: first field little-endian.
-        assert_eq!(&g.0[..4], &[0x2a, 0x9e, 0x0b, 0x6e]);
-    }
-
-    #[test]
-    fn last_occurrence_wins_and_init_args_are_ignored() {
-        let c = "mkappliance.root=PARTUUID=00000000-0000-0000-0000-000000000001 \
-                 mkappliance.root=partuuid=00000000-0000-0000-0000-000000000002 \
-                 -- mkappliance.root=PARTUUID=00000000-0000-0000-0000-000000000003";
-        assert_eq!(
-            root_guid_from_cmdline(c).unwrap().to_string(),
-            "00000000-0000-0000-0000-000000000002"
-        );
-    }
-
-    #[test]
-    fn quotes_group_words_like_the_kernel() {
-        let c = r#"a="x y" "mkappliance.root=PARTUUID=00000000-0000-0000-0000-0000000000AB" b"#;
-        assert_eq!(
-            cmdline_words(c),
-            vec![
-                "a=x y",
-                "mkappliance.root=PARTUUID=00000000-0000-0000-0000-0000000000AB",
-                "b"
-            ]
-        );
-        assert_eq!(cmdline_param(c, "a").as_deref(), Some("x y"));
-        assert_eq!(cmdline_param(c, "b"), None); // present but without a value
-        assert_eq!(cmdline_param(c, "mkappliance"), None);
-    }
-
-    #[test]
-    fn rejects_missing_or_malformed_root() {
-        let err = root_guid_from_cmdline("console=ttyS0 root=/dev/vda2").unwrap_err();
-        assert!(
-            format!("{err:#}").contains("no mkappliance.root="),
-            "{err:#}"
-        );
-        // A look-alike parameter must not match.
-        let err = root_guid_from_cmdline(
-            "xmkappliance.root=PARTUUID=00000000-0000-0000-0000-000000000001",
-        )
-        .unwrap_err();
-        assert!(
-            format!("{err:#}").contains("no mkappliance.root="),
-            "{err:#}"
-        );
-        let err = root_guid_from_cmdline("mkappliance.root=/dev/vda2").unwrap_err();
-        assert!(format!("{err:#}").contains("not of the form"), "{err:#}");
-        let err = root_guid_from_cmdline("mkappliance.root=PARTUUID=1234").unwrap_err();
-        assert!(format!("{err:#}").contains("not a GUID"), "{err:#}");
-    }
 
     #[test]
     fn module_list_and_flags() {

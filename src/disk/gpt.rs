@@ -4,7 +4,9 @@
 //! GUIDs: every GUID here comes from the caller so images are reproducible.
 
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
+use std::str::FromStr;
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -19,20 +21,36 @@ const ENTRY_SIZE: u32 = 128;
 const ENTRY_SECTORS: u64 = (ENTRY_COUNT * ENTRY_SIZE) as u64 / SECTOR;
 const MBR_TYPE_PROTECTIVE: u8 = 0xEE;
 const NAME_UNITS: usize = 36;
+/// The primary header lives in LBA 1.
+const GPT_HEADER_LBA: u64 = 1;
+/// Smallest header size the spec allows (the fields we read all lie below it).
+const GPT_MIN_HEADER_SIZE: usize = 92;
+/// Smallest partition entry size the spec allows.
+const GPT_MIN_ENTRY_SIZE: usize = 128;
+/// Refuse absurd entry arrays from a corrupt header (the spec's default is 128 × 128 B).
+const GPT_MAX_ENTRY_ARRAY: usize = 1024 * 1024;
+/// Sector size used when nothing says otherwise.
+pub const DEFAULT_SECTOR_SIZE: u64 = 512;
 
 /// A GUID as the 16 bytes GPT stores (first three fields little-endian).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Guid(pub [u8; 16]);
 
 impl Guid {
+    pub const ZERO: Guid = Guid([0; 16]);
+
+    pub fn is_zero(&self) -> bool {
+        *self == Self::ZERO
+    }
+
     /// Parse the canonical text form `XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX`.
     pub fn parse(s: &str) -> Result<Guid> {
         let hex: String = s.chars().filter(|c| *c != '-').collect();
         ensure!(
             hex.len() == 32 && s.len() == 36,
-            "malformed GUID {s:?}: expected XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX"
+            "{s:?} is not a GUID (expected XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX)"
         );
-        let raw = hex::decode(&hex).with_context(|| format!("malformed GUID {s:?}"))?;
+        let raw = hex::decode(&hex).with_context(|| format!("{s:?} is not a GUID"))?;
         let mut b = [0u8; 16];
         b.copy_from_slice(&raw);
         b[0..4].reverse();
@@ -50,6 +68,13 @@ impl Guid {
         b[7] = (b[7] & 0x0f) | 0x40;
         b[8] = (b[8] & 0x3f) | 0x80;
         Guid(b)
+    }
+}
+
+impl FromStr for Guid {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Guid> {
+        Guid::parse(s)
     }
 }
 
@@ -76,6 +101,9 @@ impl std::fmt::Debug for Guid {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Partition {
+    /// 1-based entry number, as the kernel numbers partitions (`vda2` is entry 2).
+    /// Writing ignores it: entries are written in order.
+    pub number: u32,
     pub type_guid: Guid,
     pub unique_guid: Guid,
     /// First and last sector, inclusive, as GPT stores them.
@@ -198,90 +226,207 @@ pub fn write(out: &File, total_bytes: u64, table: &Table) -> Result<()> {
     Ok(())
 }
 
-/// Parse the primary GPT from the first sectors of a disk (at least 34 sectors).
-pub fn parse(disk_start: &[u8]) -> Result<Table> {
+/// Read and parse the primary GPT of an image file (512-byte sectors).
+pub fn read(file: &File) -> Result<Table> {
+    read_gpt(&mut &*file, DEFAULT_SECTOR_SIZE)
+}
+
+/// The fields of a GPT header a reader needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GptHeader {
+    pub disk_guid: Guid,
+    pub entries_lba: u64,
+    pub num_entries: u32,
+    pub entry_size: u32,
+    pub entries_crc32: u32,
+}
+
+fn le_u32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().expect("4-byte slice"))
+}
+
+fn le_u64(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().expect("8-byte slice"))
+}
+
+fn guid_at(b: &[u8], off: usize) -> Guid {
+    Guid(b[off..off + 16].try_into().expect("16-byte slice"))
+}
+
+/// Parse and CRC-check a GPT header from the bytes of its sector.
+pub fn parse_header(sector: &[u8]) -> Result<GptHeader> {
     ensure!(
-        disk_start.len() >= (2 + ENTRY_SECTORS as usize) * SECTOR as usize,
-        "disk too small for a GPT"
+        sector.len() >= GPT_MIN_HEADER_SIZE,
+        "GPT header sector is only {} bytes",
+        sector.len()
     );
-    let h = &disk_start[SECTOR as usize..2 * SECTOR as usize];
-    if &h[0..8] != SIGNATURE {
-        bail!("no GPT found (missing \"EFI PART\" signature at LBA 1)");
+    if &sector[0..8] != SIGNATURE {
+        bail!("no GPT signature");
     }
-    let hsize = u32::from_le_bytes(h[12..16].try_into()?) as usize;
+    let header_size = le_u32(sector, 12) as usize;
     ensure!(
-        (92..=SECTOR as usize).contains(&hsize),
-        "GPT header size {hsize} is invalid"
+        (GPT_MIN_HEADER_SIZE..=sector.len()).contains(&header_size),
+        "GPT header size {header_size} out of range"
     );
-    let mut hcopy = h[..hsize].to_vec();
-    hcopy[16..20].fill(0);
-    let want = u32::from_le_bytes(h[16..20].try_into()?);
+    // The header CRC covers header_size bytes with the CRC field itself zeroed.
+    let stored_crc = le_u32(sector, 16);
+    let mut copy = sector[..header_size].to_vec();
+    copy[16..20].fill(0);
+    let crc = crc32fast::hash(&copy);
     ensure!(
-        crc32fast::hash(&hcopy) == want,
-        "GPT header checksum mismatch"
+        crc == stored_crc,
+        "GPT header CRC mismatch (stored {stored_crc:#010x}, computed {crc:#010x})"
     );
-    let mut disk_guid = [0u8; 16];
-    disk_guid.copy_from_slice(&h[56..72]);
-    let entries_lba = u64::from_le_bytes(h[72..80].try_into()?);
-    let count = u32::from_le_bytes(h[80..84].try_into()?) as usize;
-    let esize = u32::from_le_bytes(h[84..88].try_into()?) as usize;
+    let header = GptHeader {
+        disk_guid: guid_at(sector, 56),
+        entries_lba: le_u64(sector, 72),
+        num_entries: le_u32(sector, 80),
+        entry_size: le_u32(sector, 84),
+        entries_crc32: le_u32(sector, 88),
+    };
+    let entry_size = header.entry_size as usize;
     ensure!(
-        esize >= 128 && count <= 1024,
-        "GPT entry array geometry is invalid"
+        entry_size >= GPT_MIN_ENTRY_SIZE && entry_size.is_multiple_of(8),
+        "GPT entry size {entry_size} is invalid"
     );
-    let start = (entries_lba * SECTOR) as usize;
-    let end = start + count * esize;
     ensure!(
-        end <= disk_start.len(),
-        "GPT entry array lies beyond the data read"
+        header.entry_array_len() <= GPT_MAX_ENTRY_ARRAY,
+        "GPT entry array of {} × {entry_size} bytes is implausibly large",
+        header.num_entries
     );
-    let array = &disk_start[start..end];
+    Ok(header)
+}
+
+impl GptHeader {
+    /// Size in bytes of the partition entry array.
+    pub fn entry_array_len(&self) -> usize {
+        self.num_entries as usize * self.entry_size as usize
+    }
+}
+
+/// Parse and CRC-check the partition entry array; unused (zero-type) entries are skipped.
+pub fn parse_entries(header: &GptHeader, array: &[u8]) -> Result<Vec<Partition>> {
+    let len = header.entry_array_len();
     ensure!(
-        crc32fast::hash(array) == u32::from_le_bytes(h[88..92].try_into()?),
-        "GPT partition entry checksum mismatch"
+        array.len() >= len,
+        "GPT entry array truncated ({} of {len} bytes)",
+        array.len()
     );
-    let mut partitions = Vec::new();
-    for e in array.chunks(esize) {
-        let mut t = [0u8; 16];
-        t.copy_from_slice(&e[0..16]);
-        if t == [0u8; 16] {
+    let array = &array[..len];
+    let crc = crc32fast::hash(array);
+    ensure!(
+        crc == header.entries_crc32,
+        "GPT entry array CRC mismatch (stored {:#010x}, computed {crc:#010x})",
+        header.entries_crc32
+    );
+    let mut parts = Vec::new();
+    for (i, e) in array.chunks_exact(header.entry_size as usize).enumerate() {
+        let type_guid = guid_at(e, 0);
+        if type_guid.is_zero() {
             continue;
         }
-        let mut u = [0u8; 16];
-        u.copy_from_slice(&e[16..32]);
-        let units: Vec<u16> = e[56..128]
-            .chunks(2)
+        let name_units: Vec<u16> = e[56..128]
+            .chunks_exact(2)
             .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .take_while(|&c| c != 0)
+            .take_while(|&u| u != 0)
             .collect();
-        partitions.push(Partition {
-            type_guid: Guid(t),
-            unique_guid: Guid(u),
-            first_lba: u64::from_le_bytes(e[32..40].try_into()?),
-            last_lba: u64::from_le_bytes(e[40..48].try_into()?),
-            name: String::from_utf16_lossy(&units),
+        parts.push(Partition {
+            number: i as u32 + 1,
+            type_guid,
+            unique_guid: guid_at(e, 16),
+            first_lba: le_u64(e, 32),
+            last_lba: le_u64(e, 40),
+            name: String::from_utf16_lossy(&name_units),
         });
     }
+    Ok(parts)
+}
+
+/// Read the primary GPT of a disk (or disk image) with the given logical sector size
+/// (CRC-checked; the backup copy is not consulted).
+pub fn read_gpt<R: Read + Seek>(disk: &mut R, sector_size: u64) -> Result<Table> {
+    let mut sector = vec![0u8; sector_size as usize];
+    disk.seek(SeekFrom::Start(GPT_HEADER_LBA * sector_size))
+        .context("seeking to the GPT header")?;
+    disk.read_exact(&mut sector)
+        .context("reading the GPT header")?;
+    let header = parse_header(&sector)?;
+    let mut array = vec![0u8; header.entry_array_len()];
+    disk.seek(SeekFrom::Start(header.entries_lba * sector_size))
+        .context("seeking to the GPT entry array")?;
+    disk.read_exact(&mut array)
+        .context("reading the GPT entry array")?;
     Ok(Table {
-        disk_guid: Guid(disk_guid),
-        partitions,
+        disk_guid: header.disk_guid,
+        partitions: parse_entries(&header, &array)?,
     })
 }
 
-/// Bytes to read from the start of a disk to parse its GPT.
-pub const PARSE_BYTES: usize = ((2 + ENTRY_SECTORS) * SECTOR) as usize;
-
-/// Read and parse the primary GPT of an image file.
-pub fn read(file: &File) -> Result<Table> {
-    let mut buf = vec![0u8; PARSE_BYTES];
-    file.read_exact_at(&mut buf, 0)
-        .context("reading the partition table (file shorter than a GPT disk)")?;
-    parse(&buf)
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::path::Path;
+    use std::process::Command;
+    use tempfile::TempDir;
+
+    const IMAGE_MIB: u64 = 16;
+    const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+    const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+
+    fn sgdisk(args: &[&str]) -> String {
+        let out = Command::new("sgdisk")
+            .args(args)
+            .output()
+            .expect("running sgdisk");
+        assert!(
+            out.status.success(),
+            "sgdisk {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A 16 MiB image with an ESP and a root partition made by sgdisk.
+    pub(crate) fn make_image(dir: &TempDir, root_guid: &str) -> std::path::PathBuf {
+        let path = dir.path().join("disk.img");
+        File::create(&path)
+            .unwrap()
+            .set_len(IMAGE_MIB * 1024 * 1024)
+            .unwrap();
+        let p = path.to_str().unwrap();
+        sgdisk(&[
+            "-n",
+            "1:2048:+4M",
+            "-t",
+            "1:EF00",
+            "-c",
+            "1:EFI",
+            "-n",
+            "2:0:0",
+            "-t",
+            &format!("2:{ROOT_TYPE}"),
+            "-c",
+            "2:appliance-root",
+            "-u",
+            &format!("2:{root_guid}"),
+            p,
+        ]);
+        path
+    }
+
+    /// A field of `sgdisk -i N` output, e.g. "Partition unique GUID".
+    fn sgdisk_info(path: &Path, part: u32, field: &str) -> String {
+        let out = sgdisk(&["-i", &part.to_string(), path.to_str().unwrap()]);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(field))
+            .unwrap_or_else(|| panic!("no {field:?} in sgdisk output:\n{out}"));
+        line[field.len() + 1..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    }
 
     #[test]
     fn guid_text_round_trip_and_mixed_endian() {
@@ -304,5 +449,102 @@ mod tests {
         let g = Guid::from_hash(&[0xffu8; 32]).to_string();
         assert_eq!(&g[14..15], "4");
         assert!(matches!(&g[19..20], "8" | "9" | "A" | "B"));
+    }
+
+    #[test]
+    fn reads_partitions_as_sgdisk_reports_them() {
+        let dir = TempDir::new().unwrap();
+        // Let sgdisk pick a random GUID so nothing here is copied from our own code.
+        let path = make_image(&dir, "R");
+        let parts = read_gpt(&mut File::open(&path).unwrap(), 512)
+            .map(|t| t.partitions)
+            .unwrap();
+        assert_eq!(parts.len(), 2);
+        for p in &parts {
+            assert_eq!(
+                p.unique_guid.to_string(),
+                sgdisk_info(&path, p.number, "Partition unique GUID:")
+            );
+            assert_eq!(
+                p.type_guid.to_string(),
+                sgdisk_info(&path, p.number, "Partition GUID code:")
+            );
+            assert_eq!(
+                p.first_lba.to_string(),
+                sgdisk_info(&path, p.number, "First sector:")
+            );
+            assert_eq!(
+                p.last_lba.to_string(),
+                sgdisk_info(&path, p.number, "Last sector:")
+            );
+        }
+        assert_eq!(parts[0].number, 1);
+        assert_eq!(parts[0].type_guid.to_string(), ESP_TYPE);
+        assert_eq!(parts[0].name, "EFI");
+        assert_eq!(parts[0].first_lba, 2048);
+        assert_eq!(parts[1].number, 2);
+        assert_eq!(parts[1].type_guid.to_string(), ROOT_TYPE);
+        assert_eq!(parts[1].name, "appliance-root");
+    }
+
+    #[test]
+    fn known_guid_is_stored_mixed_endian_on_disk() {
+        let dir = TempDir::new().unwrap();
+        let path = make_image(&dir, "01234567-89AB-CDEF-0123-456789ABCDEF");
+        let raw = std::fs::read(&path).unwrap();
+        // sgdisk puts the entry array at LBA 2; entry 2 starts 128 bytes in, unique GUID at +16.
+        let off = 2 * 512 + 128 + 16;
+        assert_eq!(
+            &raw[off..off + 16],
+            &[
+                0x67, 0x45, 0x23, 0x01, 0xAB, 0x89, 0xEF, 0xCD, 0x01, 0x23, 0x45, 0x67, 0x89, 0xAB,
+                0xCD, 0xEF
+            ]
+        );
+        let parts = read_gpt(&mut File::open(&path).unwrap(), 512)
+            .map(|t| t.partitions)
+            .unwrap();
+        assert_eq!(
+            parts[1].unique_guid,
+            "01234567-89ab-cdef-0123-456789abcdef".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn rejects_missing_and_corrupt_tables() {
+        let dir = TempDir::new().unwrap();
+        let blank = dir.path().join("blank.img");
+        File::create(&blank).unwrap().set_len(1024 * 1024).unwrap();
+        let err = read_gpt(&mut File::open(&blank).unwrap(), 512)
+            .map(|t| t.partitions)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("no GPT signature"), "{err:#}");
+
+        let path = make_image(&dir, "R");
+        let mut raw = std::fs::read(&path).unwrap();
+        raw[512 + 60] ^= 0xff; // inside the disk GUID: header CRC must catch it
+        let err = read_gpt(&mut std::io::Cursor::new(&raw), 512)
+            .map(|t| t.partitions)
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("header CRC mismatch"),
+            "{err:#}"
+        );
+
+        let mut raw = std::fs::read(&path).unwrap();
+        raw[2 * 512 + 128 + 20] ^= 0xff; // inside entry 2: entry array CRC must catch it
+        let err = read_gpt(&mut std::io::Cursor::new(&raw), 512)
+            .map(|t| t.partitions)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("entry array CRC"), "{err:#}");
+
+        // Too short to hold LBA 1 at all.
+        let err = read_gpt(&mut std::io::Cursor::new(vec![0u8; 700]), 512)
+            .map(|t| t.partitions)
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("reading the GPT header"),
+            "{err:#}"
+        );
     }
 }

@@ -134,3 +134,47 @@ pub fn inputs() -> &'static Inputs {
 pub fn kernel_version() -> String {
     inputs().kver.clone()
 }
+
+/// Debian's cloud kernel modules laid out like Talos (`usr/lib/modules/<kver>`, `lib` ->
+/// `usr/lib`) with `modules.dep` made by the real depmod, as a package's postinst would.
+/// Built once into the cache. Returns (root, kver).
+pub fn depmod_root() -> (PathBuf, String) {
+    let inputs = inputs();
+    let root = cache_dir().join(format!("depmod-{}", inputs.kver));
+    if !root.join("usr/lib/modules").is_dir() {
+        // Unique scratch name: several test processes may fill the cache at once.
+        let work = cache_dir().join(format!(
+            "depmod-{}.partial-{}",
+            inputs.kver,
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&work);
+        let modules = work.join("usr/lib/modules");
+        std::fs::create_dir_all(&modules).unwrap();
+        let cp = Command::new("cp")
+            .arg("-a")
+            .arg(&inputs.modules)
+            .arg(modules.join(&inputs.kver))
+            .status()
+            .unwrap();
+        assert!(cp.success(), "copying {}", inputs.modules.display());
+        std::os::unix::fs::symlink("usr/lib", work.join("lib")).unwrap();
+        let depmod = Command::new("depmod")
+            .arg("-b")
+            .arg(&work)
+            .arg(&inputs.kver)
+            .status()
+            .unwrap();
+        assert!(depmod.success(), "depmod failed");
+        // Whoever renames first wins; a loser's copy is identical and simply dropped.
+        if std::fs::rename(&work, &root).is_err() {
+            assert!(
+                root.join("usr/lib/modules").is_dir(),
+                "could not populate {}",
+                root.display()
+            );
+            std::fs::remove_dir_all(&work).unwrap();
+        }
+    }
+    (root, inputs.kver.clone())
+}
