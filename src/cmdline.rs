@@ -246,8 +246,9 @@ pub struct S3Args {
     /// KMS key for `--sse aws:kms`
     #[arg(long, value_name = "KEY_ID", requires = "sse")]
     pub sse_kms_key_id: Option<String>,
-    /// Encrypt every artifact to this age recipient (age1...) before upload, uploading
-    /// NAME.age instead of NAME (repeatable; checksum files stay plain)
+    /// Encrypt every artifact to this age recipient (age1..., or an ssh-ed25519/ssh-rsa public
+    /// key line) before upload, uploading NAME.age instead of NAME (repeatable; checksum
+    /// files stay plain)
     #[arg(long, value_name = "AGE_RECIPIENT")]
     pub encrypt_to: Vec<String>,
     /// Files of at least this many MiB are sent as a multipart upload in parts of this size

@@ -309,6 +309,15 @@ fn sse_and_age_encryption() {
         .find(|w| w.starts_with("age1"))
         .unwrap()
         .to_string();
+    // A second recipient: an SSH key, as `age -R ~/.ssh/id_ed25519.pub` takes it.
+    let ssh_key = tmp.path().join("id_ed25519");
+    let kg = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&ssh_key)
+        .output()
+        .unwrap();
+    assert!(kg.status.success(), "{:?}", text(&kg));
+    let ssh_pub = std::fs::read_to_string(tmp.path().join("id_ed25519.pub")).unwrap();
     let dir = tmp.path().join("enc");
     let files = artifacts(&dir);
     let o = upload(
@@ -318,6 +327,8 @@ fn sse_and_age_encryption() {
             "--sse",
             "--encrypt-to",
             &recipient,
+            "--encrypt-to",
+            ssh_pub.trim(),
             "--json",
             "--prefix",
             "p",
@@ -375,6 +386,16 @@ fn sse_and_age_encryption() {
             dec.stdout == *data,
             "{name} did not decrypt to the original"
         );
+        // The SSH key opens it too.
+        let dec = Command::new("age")
+            .arg("-d")
+            .arg("-i")
+            .arg(&ssh_key)
+            .arg(tmp.path().join("obj"))
+            .output()
+            .unwrap();
+        assert!(dec.status.success(), "{:?}", text(&dec));
+        assert!(dec.stdout == *data, "{name}: the SSH key did not open it");
     }
     // The scratch copies are gone.
     assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e

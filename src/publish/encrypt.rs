@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
@@ -12,29 +13,43 @@ use crate::util::AtomicFile;
 
 pub const EXTENSION: &str = "age";
 
-/// Parse `age1...` recipients (X25519, as `age-keygen` prints them).
-pub fn parse_recipients(list: &[String]) -> Result<Vec<age::x25519::Recipient>> {
-    list.iter()
-        .map(|r| {
-            let r = r.trim();
-            if !r.starts_with("age1") {
-                bail!("--encrypt-to {r:?} is not an age recipient (age1..., from age-keygen)");
-            }
-            age::x25519::Recipient::from_str(r).map_err(|e| {
+/// Parsed recipients, shareable across threads.
+pub type Recipients = Arc<Vec<Box<dyn age::Recipient + Send + Sync>>>;
+
+/// Parse recipients as `age` takes them: `age1...` (from `age-keygen`) or an SSH public key
+/// line (`ssh-ed25519 AAAA...`, `ssh-rsa AAAA...`).
+pub fn parse_recipients(list: &[String]) -> Result<Recipients> {
+    let mut out: Vec<Box<dyn age::Recipient + Send + Sync>> = Vec::new();
+    for r in list {
+        let r = r.trim();
+        if r.starts_with("age1") {
+            let rec = age::x25519::Recipient::from_str(r).map_err(|e| {
                 anyhow::anyhow!("--encrypt-to {r:?} is not a valid age recipient: {e}")
-            })
-        })
-        .collect()
+            })?;
+            out.push(Box::new(rec));
+        } else if r.starts_with("ssh-") {
+            let rec = age::ssh::Recipient::from_str(r).map_err(|e| {
+                anyhow::anyhow!("--encrypt-to {r:?} is not a usable SSH public key: {e:?}")
+            })?;
+            out.push(Box::new(rec));
+        } else {
+            bail!(
+                "--encrypt-to {r:?} is not an age recipient (age1... from age-keygen, or an ssh-ed25519/ssh-rsa public key)"
+            );
+        }
+    }
+    Ok(Arc::new(out))
 }
 
 /// Encrypt `src` to `dest` (streaming; temporary name, renamed when complete).
-pub fn encrypt_file(src: &Path, dest: &Path, recipients: &[age::x25519::Recipient]) -> Result<()> {
+pub fn encrypt_file(src: &Path, dest: &Path, recipients: &Recipients) -> Result<()> {
     if recipients.is_empty() {
         bail!("no age recipients to encrypt {} to", src.display());
     }
-    let encryptor =
-        age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
-            .context("setting up age encryption")?;
+    let encryptor = age::Encryptor::with_recipients(
+        recipients.iter().map(|r| r.as_ref() as &dyn age::Recipient),
+    )
+    .context("setting up age encryption")?;
     let out = AtomicFile::create(dest)?;
     let sink = BufWriter::with_capacity(
         1 << 20,
@@ -58,11 +73,17 @@ pub fn encrypt_file(src: &Path, dest: &Path, recipients: &[age::x25519::Recipien
 mod tests {
     use super::*;
 
+    fn err(r: &str) -> String {
+        match parse_recipients(&[r.to_string()]) {
+            Ok(_) => panic!("{r:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     #[test]
     fn rejects_what_is_not_a_recipient() {
-        let e = parse_recipients(&["ssh-ed25519 AAAA".into()]).unwrap_err();
-        assert!(format!("{e}").contains("not an age recipient"), "{e}");
-        let e = parse_recipients(&["age1notvalid".into()]).unwrap_err();
-        assert!(format!("{e}").contains("not a valid age recipient"), "{e}");
+        assert!(err("gpg:ABCDEF").contains("not an age recipient"));
+        assert!(err("age1notvalid").contains("not a valid age recipient"));
+        assert!(err("ssh-ed25519 AAAAnotbase64").contains("not a usable SSH public key"));
     }
 }
