@@ -148,6 +148,47 @@ fn a_failing_part_aborts_the_multipart_upload() {
 }
 
 #[test]
+fn ctrl_c_aborts_the_multipart_upload() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    // Parts take 3 s to get through: time to interrupt mid-upload.
+    let proxy = fault_proxy(moto.port, "partNumber=", Fault::Delay(3000));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("v1");
+    artifacts(&dir);
+    let mut c = mk(&["upload"]);
+    c.arg(&dir)
+        .args([
+            "--bucket",
+            BUCKET,
+            "--endpoint",
+            &proxy.endpoint,
+            "--part-size-mib",
+            "5",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    let start = std::time::Instant::now();
+    while proxy.injected.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(start.elapsed().as_secs() < 60, "no part reached the proxy");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}\n{err}");
+    assert!(err.contains("interrupted (Ctrl-C)"), "{err}");
+    assert!(err.contains("was aborted"), "{err}");
+    assert!(moto.open_multipart_uploads(BUCKET).is_empty());
+    assert!(!moto
+        .keys(BUCKET)
+        .iter()
+        .any(|k| k.ends_with("bootstrap-pxe.raw")));
+}
+
+#[test]
 fn verification_catches_an_object_that_differs() {
     let moto = Moto::start();
     moto.create_bucket(BUCKET);

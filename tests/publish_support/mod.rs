@@ -316,6 +316,8 @@ pub enum Fault {
     Drop,
     /// Relay the request, but flip the last byte of the response body.
     Corrupt,
+    /// Relay the request after this many milliseconds.
+    Delay(u64),
 }
 
 /// An HTTP proxy to moto that injects `fault` into every request whose request line
@@ -366,7 +368,10 @@ fn relay(
             .map(|v| v.parse().unwrap())
             .unwrap_or(0);
         let corrupt = matches!(fault, Fault::Corrupt) && req.line.contains(matching);
-        if req.line.contains(matching) && !corrupt {
+        if let (Fault::Delay(ms), true) = (fault, req.line.contains(matching)) {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        } else if req.line.contains(matching) && !corrupt {
             counter.fetch_add(1, Ordering::SeqCst);
             match fault {
                 Fault::Status500 => {
@@ -386,7 +391,7 @@ fn relay(
                     r.read_exact(&mut half)?;
                     // Closing with unread data sends a reset.
                 }
-                Fault::Corrupt => unreachable!(),
+                Fault::Corrupt | Fault::Delay(_) => unreachable!(),
             }
             return Ok(());
         }

@@ -11,6 +11,7 @@
 //!
 //! `transfer` puts one file (PUT or multipart), `verify` reads it back.
 
+mod interrupt;
 mod transfer;
 mod verify;
 
@@ -330,6 +331,7 @@ pub fn upload_dir(
         return Ok(out);
     }
 
+    let _signals = interrupt::Guard::install();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -356,6 +358,7 @@ pub fn upload_dir(
         let mut total = 0u64;
         let mut done = Vec::new();
         for (it, key, encrypted) in plan {
+            interrupt::check()?;
             let (path, size) = match (&recipients, &scratch, encrypted) {
                 (Some(r), Some(sd), true) => {
                     let dest = sd.path().join(format!(

@@ -10,10 +10,13 @@ use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 
-use super::{describe, is_unparsed_success, part_size_for, Sse, BODY_BUFFER};
+use super::{describe, interrupt, is_unparsed_success, part_size_for, Sse, BODY_BUFFER};
 use crate::cmdline::S3Args;
 use crate::publish::sums;
 use crate::util;
+
+/// How often running transfers look for a Ctrl-C.
+const SIGNAL_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Where an object goes.
 #[derive(Clone)]
@@ -41,7 +44,20 @@ where
             set.spawn(async move { (i, fut.await) });
             next += 1;
         }
-        match set.join_next().await {
+        // Wake up now and then to notice Ctrl-C.
+        let joined = match tokio::time::timeout(SIGNAL_POLL, set.join_next()).await {
+            Ok(j) => j,
+            Err(_) => {
+                if let Err(e) = interrupt::check() {
+                    if first_err.is_none() {
+                        first_err = Some(e);
+                        set.abort_all();
+                    }
+                }
+                continue;
+            }
+        };
+        match joined {
             None => break,
             Some(Ok((i, Ok(v)))) => out[i as usize] = Some(v),
             Some(Ok((_, Err(e)))) => {
