@@ -31,9 +31,15 @@ deps:
     command -v moto_server >/dev/null || { echo "installing: moto[server]"; python3 -m pip install --quiet 'moto[server]'; }
     command -v aws >/dev/null || { echo "installing: awscli"; python3 -m pip install --quiet awscli; }
 
-# Run the whole test suite (what CI runs)
+# Run the whole test suite (what CI runs), then the dependency license check
 test: deps
     cargo test --locked --no-fail-fast -- --test-threads=2
+    just licenses
+
+# Every linked crate must be under a license compatible with ours (deny.toml)
+licenses:
+    command -v cargo-deny >/dev/null || cargo install --locked --quiet cargo-deny
+    cargo deny --offline check licenses
 
 # Lints CI-quality code must pass
 lint:
