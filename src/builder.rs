@@ -60,6 +60,9 @@ pub struct Summary {
     pub boot_once: bool,
     pub kernel_modules: Vec<String>,
     pub seconds: f64,
+    /// What `--compress`/`--upload` did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published: Option<crate::publish::Published>,
 }
 
 fn parse_mac(flag: &str, v: &str) -> Result<Mac> {
@@ -617,6 +620,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         )
     })?;
     steps.done();
+    let published = crate::publish::after_build(args, &dest, &sha256)?;
 
     let summary = Summary {
         image: dest,
@@ -633,6 +637,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         boot_once: cfg.boot_once,
         kernel_modules: mods.modules.iter().map(|m| m.name.clone()).collect(),
         seconds: steps.start.elapsed().as_secs_f64(),
+        published,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -721,4 +726,7 @@ fn print_summary(s: &Summary, cfg: &ApplianceConfig) {
             "PXE-installs on every boot (--pxe-every-boot)"
         }
     );
+    if let Some(p) = &s.published {
+        p.print();
+    }
 }

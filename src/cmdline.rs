@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
+use crate::publish::{CompressFlag, Format, Sse};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "mkappliance",
@@ -32,6 +34,13 @@ pub enum Command {
     /// Decrypt a SOPS-encrypted config (age recipients) and print it on stdout, as the
     /// build does; plaintext files are printed unchanged
     Decrypt(DecryptArgs),
+    /// Compress an artifact (reproducible, parallel) and write SHA256SUMS beside it
+    Compress(CompressArgs),
+    /// Upload a directory of artifacts to an S3-compatible bucket and verify every object
+    Upload(Box<UploadArgs>),
+    /// Download a build input (Talos ISO, iPXE) and verify its checksum
+    #[command(subcommand)]
+    Fetch(FetchCommand),
 }
 
 #[derive(Debug, Args)]
@@ -133,12 +142,26 @@ pub struct BuildArgs {
     #[arg(long)]
     pub pxe_every_boot: bool,
 
+    /// Also compress the image (`--compress` alone: gzip) and write SHA256SUMS.
+    /// COMPRESS=true in the environment does the same, as the original helper script did
+    #[arg(long, env = "COMPRESS", value_name = "FORMAT", num_args = 0..=1,
+          default_missing_value = "gzip", value_parser = CompressFlag::parse)]
+    pub compress: Option<CompressFlag>,
+    /// Then upload the output directory to s3://BUCKET/bootstrap/<BOOTSTRAP_VERSION>/
+    /// (UPLOAD=true in the environment does the same)
+    #[arg(long, env = "UPLOAD", value_parser = clap::builder::FalseyValueParser::new())]
+    pub upload: bool,
+
     /// Print the summary as JSON on stdout (for CI)
     #[arg(long)]
     pub json: bool,
     /// No progress output
     #[arg(long, short)]
     pub quiet: bool,
+
+    // Last: its help heading applies to everything after it.
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 #[derive(Debug, Args)]
@@ -200,4 +223,182 @@ pub struct DecryptArgs {
     /// Age key file, tried before the environment and the default key file
     #[arg(long, value_name = "PATH")]
     pub age_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_long_help = "The output is written beside FILE as FILE.gz (or .zst, .xz) under a \
+    temporary name and renamed when complete; SHA256SUMS in the same directory then lists \
+    every artifact there. Gzip output has no name and mtime 0, and its bytes do not depend \
+    on --threads: the same input always gives the same .gz."
+)]
+pub struct CompressArgs {
+    /// File to compress (e.g. artifacts/bootstrap/2025-12-17/bootstrap-pxe.raw)
+    pub file: PathBuf,
+    /// Compression format: gzip for Synology VMM and most importers; zstd and xz for others
+    #[arg(long, value_enum, default_value = "gzip")]
+    pub format: Format,
+    /// Compression level [default: gzip 6, zstd 3, xz 6]
+    #[arg(long, value_name = "N")]
+    pub level: Option<u32>,
+    /// Compression threads [default: all cores]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Do not write SHA256SUMS
+    #[arg(long)]
+    pub no_sums: bool,
+    /// No progress output
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Where and how to upload: shared by `build --upload` and `upload`.
+///
+/// Credentials come only from the environment (IDRIVE_ACCESS_KEY + IDRIVE_SECRET_KEY, or the
+/// standard AWS chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN, AWS_PROFILE
+/// or --profile, web identity, container and instance roles), never from flags: a flag would
+/// show up in `ps` and in CI logs.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Upload options")]
+pub struct S3Args {
+    /// Bucket to upload to
+    #[arg(long, env = "IDRIVE_BUCKET", value_name = "NAME")]
+    pub bucket: Option<String>,
+    /// S3 endpoint of an S3-compatible store (iDrive e2, MinIO, Ceph, Garage, R2...);
+    /// `https://` is assumed when no scheme is given [default: AWS_ENDPOINT_URL_S3,
+    /// AWS_ENDPOINT_URL, or AWS S3]
+    #[arg(long, env = "IDRIVE_ENDPOINT", value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// Region [default: AWS_REGION, AWS_DEFAULT_REGION, the profile's, or us-east-1]
+    #[arg(long, env = "IDRIVE_REGION", value_name = "REGION")]
+    pub region: Option<String>,
+    /// Named profile from ~/.aws/config and ~/.aws/credentials [default: AWS_PROFILE]
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// Key prefix [default: bootstrap/<BOOTSTRAP_VERSION>/, i.e. bootstrap/ + the
+    /// directory's name]
+    #[arg(long, value_name = "PREFIX")]
+    pub prefix: Option<String>,
+    /// Ask the store to encrypt the objects at rest (`--sse` alone: AES256)
+    #[arg(long, value_enum, value_name = "ALGORITHM", num_args = 0..=1, default_missing_value = "AES256")]
+    pub sse: Option<Sse>,
+    /// KMS key for `--sse aws:kms`
+    #[arg(long, value_name = "KEY_ID", requires = "sse")]
+    pub sse_kms_key_id: Option<String>,
+    /// Encrypt every artifact to this age recipient (age1..., or an ssh-ed25519/ssh-rsa public
+    /// key line) before upload, uploading NAME.age instead of NAME (repeatable; checksum
+    /// files stay plain)
+    #[arg(long, value_name = "AGE_RECIPIENT")]
+    pub encrypt_to: Vec<String>,
+    /// Files of at least this many MiB are sent as a multipart upload in parts of this size
+    #[arg(long, value_name = "MIB", default_value_t = 16)]
+    pub part_size_mib: u64,
+    /// Parts uploaded at once
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub concurrency: usize,
+    /// Retries of a failed request (with exponential backoff) before giving up
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub retries: u32,
+    /// Skip reading every object back to check its size and SHA-256
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Objects are read back in parallel ranges of at least this size. Each ranged GET
+    /// costs some servers a pass over the whole object (moto: 8 ranges of a 166 MiB object
+    /// took 3.5 times as long as one GET), so only really large objects are split
+    #[arg(long, value_name = "MIB", default_value_t = 256, hide = true)]
+    pub verify_range_mib: u64,
+}
+
+#[derive(Debug, Args)]
+#[command(after_long_help = "EXAMPLE (a CI release job):\n    \
+    IDRIVE_BUCKET=... IDRIVE_ENDPOINT=... IDRIVE_REGION=... \\\n    \
+    IDRIVE_ACCESS_KEY=... IDRIVE_SECRET_KEY=... \\\n    \
+    mkappliance upload artifacts/bootstrap/2025-12-17\n\n\
+    uploads every file of the directory to s3://$IDRIVE_BUCKET/bootstrap/2025-12-17/, reads \
+    each object back to check its size and SHA-256, and prints the object URLs. A failed \
+    multipart upload is aborted, so nothing half-written stays in the bucket.")]
+pub struct UploadArgs {
+    /// Directory of artifacts to upload (every file in it, recursively; hidden files skipped)
+    pub dir: PathBuf,
+    /// Show what would go where, without contacting the store
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the uploaded objects as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// No progress output
+    #[arg(long, short)]
+    pub quiet: bool,
+    // Last: its help heading applies to everything after it.
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FetchCommand {
+    /// Download a Talos metal-amd64.iso into artifacts/talos/<VERSION>/ (where `build`
+    /// looks), verified against the release's sha512sum.txt
+    Talos(FetchTalosArgs),
+    /// Download iPXE (ipxe.efi, undionly.kpxe) into a cache, when no distribution copy exists
+    Ipxe(FetchIpxeArgs),
+}
+
+/// Options shared by every download.
+#[derive(Debug, Args, Clone)]
+pub struct DownloadArgs {
+    /// Retries of an interrupted or failed download; each resumes where the last stopped
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub retries: u32,
+    /// Download again even when a verified copy is already there
+    #[arg(long)]
+    pub force: bool,
+    /// No progress output
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_long_help = "EXAMPLES:\n    \
+    mkappliance fetch talos v1.11.6\n    \
+    mkappliance fetch talos v1.11.6 --schematic 376567988ad370138ad8b2698212367b8edcb69b5fd68c80be1f2ec7d603b4ba --sha256 HEX\n\n\
+    The download goes to a hidden .part file beside the destination and is renamed only \
+    once its checksum matches; an interrupted download resumes from there (HTTP Range). \
+    A checksum mismatch deletes the download.")]
+pub struct FetchTalosArgs {
+    /// Talos release, e.g. v1.11.6
+    pub version: String,
+    /// Image Factory schematic ID: fetch <BASE_URL>/<SCHEMATIC>/<VERSION>/metal-amd64.iso
+    /// from the Image Factory, which publishes no checksum file (pin it with --sha256/--sha512)
+    #[arg(long, value_name = "ID")]
+    pub schematic: Option<String>,
+    /// Mirror or Image Factory base URL [default: https://github.com/siderolabs/talos/releases/download,
+    /// or https://factory.talos.dev/image with --schematic]
+    #[arg(long, value_name = "URL")]
+    pub base_url: Option<String>,
+    /// Expected SHA-256 of the ISO (hex)
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
+    /// Expected SHA-512 of the ISO (hex)
+    #[arg(long, value_name = "HEX")]
+    pub sha512: Option<String>,
+    /// Output directory [default: artifacts/talos/<VERSION>]
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub download: DownloadArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchIpxeArgs {
+    /// Base URL the iPXE binaries are fetched from
+    #[arg(long, value_name = "URL", default_value = "https://boot.ipxe.org")]
+    pub base_url: String,
+    /// Cache directory [default: $XDG_CACHE_HOME/mkappliance/ipxe or ~/.cache/mkappliance/ipxe]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Expected SHA-256 of ipxe.efi (hex); iPXE publishes no checksum file
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
+    #[command(flatten)]
+    pub download: DownloadArgs,
 }

@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod iso;
 pub mod layout;
 pub mod machineconfig;
+pub mod publish;
 pub mod render;
 pub mod sops;
 pub mod tree;

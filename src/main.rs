@@ -16,6 +16,9 @@ fn main() {
         Command::Inspect(args) => mkappliance::inspect::inspect(&args),
         Command::Serve(args) => mkappliance::appliance::serve::run(&args),
         Command::Decrypt(args) => decrypt(&args),
+        Command::Compress(args) => mkappliance::publish::compress_cmd(&args),
+        Command::Upload(args) => mkappliance::publish::upload_cmd(&args),
+        Command::Fetch(cmd) => mkappliance::publish::fetch_cmd(&cmd),
     };
     if let Err(e) = result {
         // One line that reads like a path through the program.
