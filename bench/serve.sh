@@ -71,7 +71,9 @@ ip netns exec "$tag-ref-s" dnsmasq -k -C "$work/dnsmasq.conf" --port=0 --user=ro
 started "$work/dnsmasq.log" "TFTP root"
 sed -e "s|root /srv/http;|root $tree/srv/http;|" -e "s|root /srv/tftp;|root $tree/srv/tftp;|" \
     -e "s|^pid .*|pid $work/nginx.pid;|" -e "s|access_log /dev/stdout;|access_log $work/access.log;|" \
+    -e "s|^http {|http {\n    client_body_temp_path $work/nginx/body;\n    proxy_temp_path $work/nginx/proxy;\n    fastcgi_temp_path $work/nginx/fastcgi;\n    uwsgi_temp_path $work/nginx/uwsgi;\n    scgi_temp_path $work/nginx/scgi;|" \
     "$tree/etc/appliance/nginx.conf" | sed '1i user root;' > "$work/nginx.conf"
+mkdir -p "$work/nginx"  # its temp dirs: nginx chowns them to its user, so keep them ours
 ip netns exec "$tag-ref-s" nginx -c "$work/nginx.conf" -g 'daemon off;' 2> "$work/nginx.err" & pids+=($!)
 until ip netns exec "$tag-ref-c" curl -s -o /dev/null http://10.10.10.2/boot.ipxe; do
     kill -0 "${pids[-1]}" 2>/dev/null || { cat "$work/nginx.err" >&2; exit 1; }
