@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+mod common;
 #[path = "common/fixture.rs"]
 mod fixture;
 
@@ -31,6 +32,7 @@ const NEEDED_MODULES: &[&str] = &[
     "virtio_blk",
     "ext4",
     "button",
+    "virtio_net",
 ];
 /// The x86-64 root partition type of the Discoverable Partitions Specification.
 const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
@@ -279,8 +281,26 @@ fn make_disk(dir: &Path) -> (PathBuf, u64) {
     let (first, last) = (sector("First sector:"), sector("Last sector:"));
     let offset = first * 512;
     let size_kib = (last + 1 - first) / 2;
+    // What the init serves from: the appliance config and the machine config.
+    let tree = dir.join("rootfs");
+    let cfg = common::sample_config();
+    for (path, text) in [
+        ("etc/appliance/appliance.toml", cfg.to_toml().unwrap()),
+        (
+            "srv/http/configs/minipc.yaml",
+            "version: v1alpha1\n".to_string(),
+        ),
+    ] {
+        std::fs::create_dir_all(tree.join(path).parent().unwrap()).unwrap();
+        std::fs::write(tree.join(path), text).unwrap();
+    }
+    for d in ["srv/tftp", "var/lib/appliance", "var/log/appliance"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "appliance"])
+        .arg("-d")
+        .arg(&tree)
         .arg(format!("-Eoffset={offset}"))
         .arg(&disk)
         .arg(format!("{size_kib}k")));
@@ -321,6 +341,13 @@ impl Vm {
             .arg(format!("file={},if=virtio,format=raw", disk.display()))
             .arg("-monitor")
             .arg(format!("unix:{},server=on,wait=off", monitor.display()))
+            // The PXE NIC, on a hub of its own: nobody else on the link, no uplink.
+            .args([
+                "-netdev",
+                "hubport,id=pxe,hubid=0",
+                "-device",
+                "virtio-net-pci,netdev=pxe",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

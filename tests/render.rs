@@ -4,41 +4,13 @@
 
 use std::process::Command;
 
-use mkappliance::config::{ApplianceConfig, BootFiles, Network, CONFIG_SCHEMA};
+mod common;
+
+use mkappliance::config::ApplianceConfig;
 use mkappliance::render::{self, Renderer};
 
 fn sample() -> ApplianceConfig {
-    ApplianceConfig {
-        schema: CONFIG_SCHEMA,
-        talos_version: "v1.11.6".into(),
-        bootstrap_version: "2025-12-17".into(),
-        minipc_mac: "00:11:22:33:44:55".parse().unwrap(),
-        network: Network {
-            appliance: "10.10.10.2/24".parse().unwrap(),
-            minipc_ip: "10.10.10.100".parse().unwrap(),
-            dhcp_range: (
-                "10.10.10.50".parse().unwrap(),
-                "10.10.10.60".parse().unwrap(),
-            ),
-            lease_secs: 43200,
-            internal_mac: None,
-            uplink_mac: None,
-            uplink_address: None,
-            uplink_gateway: None,
-            uplink_dns: Vec::new(),
-        },
-        talos_kernel_args: ApplianceConfig::default_kernel_args(
-            "10.10.10.2".parse().unwrap(),
-            Some("talos.dashboard.disabled=1"),
-        ),
-        boot_files: BootFiles {
-            ipxe_efi: "ipxe.efi".into(),
-            ipxe_bios: Some("undionly.kpxe".into()),
-            ipxe_arm64: None,
-        },
-        serve_talosconfig: false,
-        boot_once: true,
-    }
+    common::sample_config()
 }
 
 fn render(name: &str) -> String {

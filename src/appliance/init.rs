@@ -101,7 +101,7 @@ pub fn run() -> ! {
     unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
 
     let mount_errors = mount_early();
-    let consoles = Consoles::open_default();
+    let consoles = std::sync::Arc::new(Consoles::open_default());
     let kver = std::fs::read_to_string(PROC_OSRELEASE)
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
@@ -145,6 +145,7 @@ struct Facts {
     modules: usize,
     modules_failed: usize,
     kver: String,
+    serving: super::start::Serving,
 }
 
 impl std::fmt::Display for Facts {
@@ -153,11 +154,17 @@ impl std::fmt::Display for Facts {
         if self.modules_failed > 0 {
             write!(f, " modules_failed={}", self.modules_failed)?;
         }
-        write!(f, " kver={} uptime_ms={}", self.kver, uptime_ms())
+        write!(
+            f,
+            " kver={} {} uptime_ms={}",
+            self.kver,
+            self.serving,
+            uptime_ms()
+        )
     }
 }
 
-fn boot(consoles: &Consoles, kver: &str) -> Result<Facts> {
+fn boot(consoles: &std::sync::Arc<Consoles>, kver: &str) -> Result<Facts> {
     let modules = load_modules(&Path::new("/").join(INITRD_MODULES_ORDER), consoles)
         .context("loading kernel modules")?;
     let cmdline =
@@ -173,11 +180,13 @@ fn boot(consoles: &Consoles, kver: &str) -> Result<Facts> {
     consoles.line(&format!(
         "root: mounted {root} on {SYSROOT} ({ROOT_FSTYPE}, rw)"
     ));
+    let serving = super::start::start(Path::new(SYSROOT), consoles)?;
     Ok(Facts {
         root,
         modules: modules.loaded + modules.already,
         modules_failed: modules.failed,
         kver: kver.to_string(),
+        serving,
     })
 }
 

@@ -1,6 +1,6 @@
 //! The appliance side: what runs inside the booted image.
 //!
-//! [`init`] is PID 1 in our initramfs; [`gptscan`] finds the root partition by reading
+//! [`init`] is PID 1 in our initramfs and hands over to [`start`] once the root is mounted; [`gptscan`] finds the root partition by reading
 //! GPTs itself; [`console`] writes to every console an operator might watch;
 //! [`kcmdline`] reads the kernel command line; [`supervise`] is PID 1's loop after
 //! boot and [`powerbutton`] hears the ACPI power button.
@@ -30,5 +30,6 @@ pub mod powerbutton;
 pub mod ra;
 pub mod serve;
 pub mod served;
+pub mod start;
 pub mod supervise;
 pub mod tftp;

@@ -157,6 +157,8 @@ pub(super) fn supervise(
 /// Stop everything, flush the root filesystem and power the machine off.
 fn power_off(consoles: &Consoles, reason: &str) -> ! {
     consoles.line(&format!("mkappliance: {reason}: powering off"));
+    // Our own threads hold files on the rootfs (event log, served files): close them.
+    super::start::stop();
     stop_all_processes();
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };

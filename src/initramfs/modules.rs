@@ -37,6 +37,10 @@ pub const APPLIANCE_MODULES: &[&str] = &[
     "nft_chain_nat",
     "nf_nat",
     "nf_conntrack",
+    // The NAT's forward and input guards match `ct state` (built in on Talos).
+    "nft_ct",
+    // The ACPI power button, so the hypervisor's "shut down" works (built in on Talos).
+    "button",
     "crc32c_generic",
     "crc32c_intel",
 ];
