@@ -1,13 +1,17 @@
 //! The built image boots under QEMU (TCG) with OVMF: firmware → systemd-boot → kernel +
 //! appliance.img → our /init, which loads its modules, mounts the rootfs it finds by GPT
-//! partition GUID and prints the ready line on the serial console.
+//! partition GUID, brings up its network and services and prints the ready line on the
+//! serial console. With an uplink on QEMU user networking it gets a lease and installs the
+//! NAT; without one it says it is offline and still serves; the ACPI power button (the
+//! hypervisor's "shut down") powers it off with the rootfs cleanly unmounted.
 
 mod common;
 #[path = "common/fixture.rs"]
 mod fixture;
 
-use std::io::Read;
-use std::path::Path;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,107 +21,213 @@ const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// Under TCG the firmware alone takes ~4 s; a loaded CI machine may be several times slower.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const PXE_MAC: &str = "52:54:00:a0:00:02";
+const UPLINK_MAC: &str = "52:54:00:a0:00:03";
 
-struct Vm(Child);
+struct Vm {
+    child: Child,
+    log: PathBuf,
+    monitor: PathBuf,
+}
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-fn boot(image: &Path, dir: &Path) -> (Vm, std::path::PathBuf) {
+/// Boot `image` with its PXE NIC on a link of its own and, when `uplink`, a second NIC on
+/// QEMU user networking (`restrict=on`: nothing leaves this machine).
+fn boot(image: &Path, dir: &Path, uplink: bool) -> Vm {
     let vars = dir.join("vars.fd");
     std::fs::copy(OVMF_VARS, &vars).unwrap();
     let log = dir.join("serial.log");
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-machine",
-            "q35",
-            "-m",
-            "512",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-nic",
-            "none",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", log.display()))
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=raw", image.display()))
+    let monitor = dir.join("monitor.sock");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-machine",
+        "q35",
+        "-m",
+        "512",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .arg("-serial")
+    .arg(format!("file:{}", log.display()))
+    .arg("-monitor")
+    .arg(format!("unix:{},server=on,wait=off", monitor.display()))
+    .arg("-drive")
+    .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
+    .arg("-drive")
+    .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+    .arg("-drive")
+    .arg(format!("file={},if=virtio,format=raw", image.display()))
+    .args(["-netdev", "hubport,id=pxe,hubid=0", "-device"])
+    .arg(format!("virtio-net-pci,netdev=pxe,mac={PXE_MAC},romfile="));
+    if uplink {
+        cmd.args(["-netdev", "user,id=up,restrict=on", "-device"])
+            .arg(format!(
+                "virtio-net-pci,netdev=up,mac={UPLINK_MAC},romfile="
+            ));
+    }
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting qemu-system-x86_64");
-    (Vm(child), log)
-}
-
-/// Wait until the serial log has a line containing `needle`; return the whole log.
-fn wait_for(vm: &mut Vm, log: &Path, needle: &str) -> Result<String, String> {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read(log)
-            .map(|b| String::from_utf8_lossy(&b).to_string())
-            .unwrap_or_default();
-        if text.contains(needle) {
-            return Ok(text);
-        }
-        if let Some(status) = vm.0.try_wait().unwrap() {
-            let mut err = String::new();
-            vm.0.stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return Err(format!(
-                "QEMU exited ({status}) before {needle:?}: {err}\n{text}"
-            ));
-        }
-        if start.elapsed() > BOOT_TIMEOUT {
-            return Err(format!(
-                "no {needle:?} after {BOOT_TIMEOUT:?}; serial console:\n{text}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(250));
+    Vm {
+        child,
+        log,
+        monitor,
     }
 }
 
-#[test]
-fn image_boots_under_ovmf_to_the_ready_line() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
-    run_ok(&mut build_cmd(&fixture::talos_iso("default"), &out, &[]));
-    let image = out.join("bootstrap-pxe.raw");
-    let (_, _, _, root_guid) = sgdisk_partition(&image, 2);
-    let (mut vm, log) = boot(&image, tmp.path());
-    let text = wait_for(&mut vm, &log, "MKAPPLIANCE-READY").unwrap_or_else(|e| panic!("{e}"));
-    let ready = text
+impl Vm {
+    fn console(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).to_string())
+            .unwrap_or_default()
+    }
+
+    /// Wait until the serial log has a line containing `needle`; return that line.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.console();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut err = String::new();
+                self.child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("QEMU exited ({status}) before {needle:?}: {err}\n{text}");
+            }
+            assert!(
+                start.elapsed() < BOOT_TIMEOUT,
+                "no {needle:?} after {BOOT_TIMEOUT:?}; serial console:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Press the ACPI power button and wait for QEMU to exit.
+    fn power_button(&mut self) {
+        let mut m = UnixStream::connect(&self.monitor).expect("QEMU monitor");
+        m.write_all(b"system_powerdown\n").unwrap();
+        let start = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no power-off after the power button:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+fn build_image(dir: &Path) -> PathBuf {
+    let out = dir.join("out");
+    run_ok(&mut build_cmd(
+        &fixture::talos_iso("default"),
+        &out,
+        &["--internal-mac", PXE_MAC, "--uplink-mac", UPLINK_MAC],
+    ));
+    out.join("bootstrap-pxe.raw")
+}
+
+/// A dumpe2fs field of the image's rootfs (an independent reader of its state).
+fn rootfs_field(image: &Path, field: &str) -> String {
+    let (offset, ..) = sgdisk_partition(image, 2);
+    let out = run_ok(
+        Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(format!("{}?offset={offset}", image.display())),
+    );
+    String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find(|l| l.starts_with("MKAPPLIANCE-READY"))
-        .unwrap();
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in dumpe2fs output"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn image_boots_gets_an_uplink_and_powers_off_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = build_image(tmp.path());
+    let (_, _, _, root_guid) = sgdisk_partition(&image, 2);
+    let mut vm = boot(&image, tmp.path(), true);
+    let ready = vm.wait_for("MKAPPLIANCE-READY");
+    let text = vm.console();
     // systemd-boot passed our entry's options (the root GUID sgdisk reports) to the kernel.
     assert!(
         text.contains(&format!("mkappliance.root=PARTUUID={root_guid}")),
         "{text}"
     );
-    assert!(ready.contains("root=/dev/vda2"), "{ready}");
+    for fact in [
+        "root=/dev/vda2",
+        "ip=10.10.10.2/24",
+        "node=00:11:22:33:44:55",
+        "services=dhcp,tftp,http,dns",
+    ] {
+        assert!(
+            ready.split_whitespace().any(|w| w == fact),
+            "{fact} not in {ready}"
+        );
+    }
     assert!(
         ready.contains(&format!("kver={}", fixture::kernel_version())),
         "{ready}"
     );
     assert!(
         !ready.contains("modules_failed"),
-        "a bundled module failed to load: {text}"
+        "a bundled module failed to load:\n{text}"
+    );
+    // QEMU's user network hands out 10.0.2.15 from its DHCP server at 10.0.2.2 (with
+    // restrict=on it names no gateway: nothing is routed off this machine).
+    let lease = vm.wait_for("10.0.2.15/24");
+    assert!(
+        lease.starts_with("uplink: eth") && lease.contains("DHCP from 10.0.2.2"),
+        "{lease}"
+    );
+    let text = vm.console();
+    assert!(
+        !text.contains("network:"),
+        "the network came up with warnings:\n{text}"
+    );
+    assert!(
+        !text.contains("dhcp-rogue"),
+        "DHCP stood down on the PXE link:\n{text}"
     );
     assert!(!text.contains("MKAPPLIANCE-ERROR"), "{text}");
+    vm.power_button();
+    let text = vm.console();
+    assert!(text.contains("mkappliance: power off"), "{text}");
     assert!(!text.contains("Kernel panic"), "{text}");
+    assert_eq!(rootfs_field(&image, "Filesystem state:"), "clean");
+    assert_eq!(rootfs_field(&image, "Mount count:"), "1");
+}
+
+#[test]
+fn without_an_uplink_it_says_offline_and_still_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = build_image(tmp.path());
+    let mut vm = boot(&image, tmp.path(), false);
+    let ready = vm.wait_for("MKAPPLIANCE-READY");
+    assert!(ready.contains("uplink=offline"), "{ready}");
+    assert!(ready.contains("services=dhcp,tftp,http,dns"), "{ready}");
+    let text = vm.console();
+    assert!(text.contains("uplink: offline"), "{text}");
+    assert!(!text.contains("MKAPPLIANCE-ERROR"), "{text}");
 }
