@@ -182,16 +182,25 @@ fn resolve_inputs(args: &BuildArgs) -> Result<Inputs> {
     }
     let ipxe = match &args.ipxe {
         Some(p) => p.clone(),
-        None => IPXE_SEARCH
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-            .with_context(|| {
-                format!(
-                    "no iPXE found (looked in {}): install your distribution's ipxe package or pass --ipxe PATH",
-                    IPXE_SEARCH.join(", ")
-                )
-            })?,
+        None => {
+            // The distribution's copy first, then what `mkappliance fetch ipxe` cached.
+            let cached = crate::publish::fetch::ipxe_cache_dir()
+                .ok()
+                .map(|d| d.join("ipxe.efi"));
+            IPXE_SEARCH
+                .iter()
+                .map(PathBuf::from)
+                .chain(cached)
+                .find(|p| p.is_file())
+                .with_context(|| {
+                    format!(
+                        "no iPXE found (looked in {} and the `mkappliance fetch ipxe` cache): \
+                         install your distribution's ipxe package, run `mkappliance fetch ipxe`, \
+                         or pass --ipxe PATH",
+                        IPXE_SEARCH.join(", ")
+                    )
+                })?
+        }
     };
     require_file(&ipxe, "iPXE binary", "pass --ipxe PATH")?;
     for p in [&args.ipxe_bios, &args.ipxe_arm64, &args.bootloader]
