@@ -80,6 +80,13 @@ impl BootOnce {
         self.enabled && self.done.load(Ordering::SeqCst)
     }
 
+    /// Forget that the node fetched its config, on disk and in the running server, so its
+    /// next PXE boot installs again. Returns whether it was armed.
+    pub fn rearm(&self) -> Result<bool> {
+        let was = self.done.swap(false, Ordering::SeqCst);
+        Ok(rearm(&self.dir, self.mac)? || was)
+    }
+
     /// The node has its whole config: arm. Returns whether this armed it (false when it
     /// already was, or boot-once is off).
     pub fn arm(&self, by: IpAddr) -> Result<bool> {

@@ -44,6 +44,8 @@ pub struct Handles {
     threads: Vec<JoinHandle<()>>,
     pub iface: Iface,
     pub address: Ipv4Addr,
+    /// The node's boot-once state, shared with the HTTP server (the console re-arms it).
+    pub boot_once: Arc<BootOnce>,
 }
 
 impl Handles {
@@ -179,6 +181,7 @@ pub fn start(tree: Arc<ServedTree>, opts: &ServeOptions, events: &EventLog) -> R
         threads,
         iface,
         address: appliance.addr,
+        boot_once,
     })
 }
 

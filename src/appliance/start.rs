@@ -2,11 +2,14 @@
 //! start the PXE services, and say so on the consoles.
 
 use std::fmt;
+use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 
+use super::bootonce::BootOnce;
 use super::console::Consoles;
 use super::events::EventLog;
 use super::net::{self, ApplianceNet, NicWait, UplinkState};
@@ -14,6 +17,11 @@ use super::serve::{self, Handles, ServeOptions};
 use super::served::ServedTree;
 use crate::config::ApplianceConfig;
 use crate::layout::{APPLIANCE_TOML, LOG_DIR, STATE_DIR};
+
+/// Consoles an operator types on (serial first, then the VGA console's keyboard).
+const KEY_CONSOLES: &[&str] = &["/dev/ttyS0", "/dev/tty0"];
+/// The key that re-arms the install after a failed one.
+const REARM_KEY: u8 = b'r';
 
 /// The running network and services, kept until power-off so they can be stopped and
 /// their files (event log, served tree) closed before the rootfs is unmounted.
@@ -103,6 +111,10 @@ pub fn start(sysroot: &Path, consoles: &Arc<Consoles>) -> Result<Serving> {
     )
     .context("starting the PXE services")?;
 
+    for dev in KEY_CONSOLES {
+        watch_keys(dev, handles.boot_once.clone(), consoles.clone());
+    }
+
     let uplink = appliance_net.uplink.state();
     consoles.line(&format!(
         "appliance: {} on {pxe_nic}, serving {} ({}) Talos {}; uplink {uplink}",
@@ -112,7 +124,7 @@ pub fn start(sysroot: &Path, consoles: &Arc<Consoles>) -> Result<Serving> {
         "appliance: waiting for {} to PXE boot ({})",
         cfg.minipc_mac,
         if cfg.boot_once {
-            "boot-once: it installs once, then boots its disk"
+            "boot-once: it installs once, then boots its disk; press r here to re-arm"
         } else {
             "it installs on every PXE boot"
         }
@@ -128,4 +140,44 @@ pub fn start(sysroot: &Path, consoles: &Arc<Consoles>) -> Result<Serving> {
         net: appliance_net,
     });
     Ok(serving)
+}
+
+/// Read single key presses from a console (no Enter needed) and re-arm boot-once on `r`,
+/// so an operator can retry a failed install from the hypervisor's console.
+fn watch_keys(dev: &'static str, boot_once: Arc<BootOnce>, consoles: Arc<Consoles>) {
+    let Ok(mut tty) = std::fs::OpenOptions::new().read(true).open(dev) else {
+        return;
+    };
+    // SAFETY: termios is plain data filled by tcgetattr before tcsetattr reads it.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(tty.as_raw_fd(), &mut t) == 0 {
+            t.c_lflag &= !(libc::ICANON | libc::ECHO);
+            t.c_cc[libc::VMIN] = 1;
+            t.c_cc[libc::VTIME] = 0;
+            libc::tcsetattr(tty.as_raw_fd(), libc::TCSANOW, &t);
+        }
+    }
+    let c = consoles.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("keys {dev}"))
+        .spawn(move || {
+            let consoles = c;
+            let mut key = [0u8; 1];
+            while let Ok(1) = tty.read(&mut key) {
+                if key[0].to_ascii_lowercase() != REARM_KEY {
+                    continue;
+                }
+                match boot_once.rearm() {
+                    Ok(true) => consoles.line(
+                        "boot-once: re-armed: the node installs Talos again on its next PXE boot",
+                    ),
+                    Ok(false) => consoles.line("boot-once: not armed yet; nothing to re-arm"),
+                    Err(e) => consoles.line(&format!("boot-once: re-arm failed: {e:#}")),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        consoles.line(&format!("keys: not watching {dev}: {e}"));
+    }
 }
