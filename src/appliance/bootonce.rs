@@ -161,6 +161,19 @@ mod tests {
     }
 
     #[test]
+    fn live_rearm_clears_the_running_state_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mac: Mac = "00:11:22:33:44:55".parse().unwrap();
+        let b = BootOnce::open(dir.path(), mac, "aa".into(), true);
+        assert!(!b.rearm().unwrap(), "nothing to re-arm yet");
+        b.arm(IpAddr::V4(Ipv4Addr::new(10, 10, 10, 100))).unwrap();
+        assert!(b.rearm().unwrap());
+        assert!(!b.armed());
+        assert!(!dir.path().join("boot-once-00-11-22-33-44-55.json").exists());
+        assert!(!BootOnce::open(dir.path(), mac, "aa".into(), true).armed());
+    }
+
+    #[test]
     fn unwritable_state_stays_unarmed() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-dir");
