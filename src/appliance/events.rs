@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value};
 
 use crate::config::Mac;
+use crate::util::civil_from_days;
 
 /// Name of the event log inside the log directory.
 pub const EVENTS_FILE: &str = "events.log";
@@ -251,20 +252,6 @@ fn arp_lookup(table: &str, ip: Ipv4Addr) -> Option<Mac> {
     })
 }
 
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 /// `2025-12-17T10:00:00.123Z`
 pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -291,9 +278,6 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_millis(1_765_929_600_123);
         assert_eq!(rfc3339(t), "2025-12-17T00:00:00.123Z");
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        // 2000-02-29 (a leap day in a century leap year) is day 11016.
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
     }
 
     #[test]

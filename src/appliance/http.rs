@@ -17,9 +17,10 @@ use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::appliance::bootonce::BootOnce;
-use crate::appliance::events::{civil_from_days, Event, EventLog};
+use crate::appliance::events::{Event, EventLog};
 use crate::appliance::served::{ServedFile, ServedTree};
 use crate::layout;
+use crate::util::civil_from_days;
 use request::{head_end, parse_range, Method, Range, Request, MAX_HEAD};
 
 pub const PORT: u16 = 80;

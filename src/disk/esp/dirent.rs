@@ -1,6 +1,7 @@
 //! 32-byte short directory entries and FAT timestamps.
 
 use super::names::ShortName;
+use crate::util::civil_from_days;
 
 pub(super) const DIR_ENTRY_BYTES: usize = 32;
 pub(super) const ATTR_VOLUME_ID: u8 = 0x08;
@@ -20,21 +21,6 @@ pub(super) struct FatTime {
     pub time: u16,
     /// Creation time refinement in 10 ms units (0-199): the odd second.
     pub tenths: u8,
-}
-
-/// Proleptic Gregorian (year, month, day) of a day count since 1970-01-01
-/// (the classic days-to-civil computation over 400-year eras).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 impl FatTime {
