@@ -205,6 +205,11 @@ pub struct ServeArgs {
     /// Re-arm the PXE install: forget that the node fetched its config, then serve
     #[arg(long)]
     pub rearm: bool,
+    /// Also NAT the node's subnet out of this interface (nf_tables masquerade, forwarding
+    /// on) and run the DNS forwarder on the appliance address, relaying to the servers in
+    /// /etc/resolv.conf: the host stands in for the appliance VM, uplink included
+    #[arg(long, value_name = "IFACE")]
+    pub uplink: Option<String>,
     /// Print events as JSON lines
     #[arg(long)]
     pub json: bool,

@@ -17,6 +17,7 @@ use crate::appliance::netif::Iface;
 use crate::appliance::ra::Advertiser;
 use crate::appliance::served::ServedTree;
 use crate::appliance::tftp::TftpServer;
+use crate::appliance::{dns, net};
 use crate::cmdline::ServeArgs;
 use crate::layout;
 use crate::render::{self, Renderer};
@@ -24,6 +25,9 @@ use crate::util::sha256_hex;
 
 /// Largest machine config we hash for the boot-once state.
 const MAX_CONFIG: u64 = 16 << 20;
+/// Upstream DNS servers for `serve --uplink`.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+const DNS_PORT: u16 = 53;
 /// Under `$XDG_STATE_HOME` (or `~/.local/state`) when serving an image.
 const STATE_SUBDIR: &str = "mkappliance";
 
@@ -238,7 +242,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         configure_interface: true,
         rearm: args.rearm,
     };
+    let pxe_subnet = tree.config().network.appliance;
     let handles = start(Arc::new(tree), &opts, &events)?;
+    // Dropped at the end of `run`: the NAT table goes and forwarding is restored.
+    let _uplink = match &args.uplink {
+        Some(ifname) => Some(start_uplink(ifname, pxe_subnet, &events)?),
+        None => None,
+    };
     if !logging {
         events.emit(
             Event::new("log-off")
@@ -252,4 +262,34 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     events.emit(Event::new("stopping").field("signal", sig));
     handles.stop();
     Ok(())
+}
+
+/// `serve --uplink`: NAT out of `ifname` and a DNS forwarder on the appliance address.
+fn start_uplink(
+    ifname: &str,
+    pxe_subnet: crate::config::Ipv4Cidr,
+    events: &EventLog,
+) -> Result<(net::HostUplink, dns::DnsHandle)> {
+    let nat = net::HostUplink::enable(ifname, pxe_subnet)?;
+    let resolv = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
+    let upstreams = dns::upstreams_from_resolv_conf(&resolv);
+    let forwarder = dns::start(
+        (pxe_subnet.addr, DNS_PORT).into(),
+        Arc::new(std::sync::RwLock::new(upstreams.clone())),
+    )
+    .context("starting the DNS forwarder")?;
+    events.emit(
+        Event::new("uplink")
+            .field("interface", ifname.to_string())
+            .field("nat", pxe_subnet.to_string())
+            .field(
+                "dns",
+                upstreams
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+    );
+    Ok((nat, forwarder))
 }
