@@ -10,7 +10,8 @@
 //! takes a lease, fetches `talos.config=` and `fixture.probe=` and prints what it got.
 //! The machine config is SOPS-encrypted by the real `sops` with a key from `age-keygen`.
 //!
-//! Knobs: `IT_MINIPC_MAC`, `IT_MINIPC_IP`, `IT_TIMEOUT_S` (per stage), `IT_KEEP` (keep the
+//! Knobs: `IT_MINIPC_MAC`, `IT_CLIENT_MAC` (the MAC the client boots with, to check that a
+//! wrong pin fails at the DHCP stage), `IT_MINIPC_IP`, `IT_TIMEOUT_S` (per stage), `IT_KEEP` (keep the
 //! run directory), `IT_KEEP_ON_FAIL` (keep it when the test fails), `IT_GUI` (show the
 //! VMs' displays).
 
@@ -383,6 +384,7 @@ fn client_pxe_boots_through_the_appliance() {
     let dir = run.0.as_ref().unwrap().path().to_path_buf();
     let started = Instant::now();
     let minipc_mac = env_or("IT_MINIPC_MAC", MINIPC_MAC).to_lowercase();
+    let client_mac = env_or("IT_CLIENT_MAC", &minipc_mac).to_lowercase();
     let minipc_ip = env_or("IT_MINIPC_IP", MINIPC_IP);
     let timeout = Duration::from_secs(
         env_or("IT_TIMEOUT_S", &STAGE_TIMEOUT_S.to_string())
@@ -473,7 +475,7 @@ fn client_pxe_boots_through_the_appliance() {
 
     // First boot: the whole chain.
     let client_start = Instant::now();
-    rig.start_client("client1", &minipc_mac, link);
+    rig.start_client("client1", &client_mac, link);
     let mac = minipc_mac.as_str();
     rig.expect(
         A,
