@@ -41,6 +41,10 @@ licenses:
     command -v cargo-deny >/dev/null || cargo install --locked --quiet cargo-deny
     cargo deny --offline check licenses
 
+# End-to-end: the built image boots in QEMU and PXE-boots a client VM through the whole chain (IT_KEEP_ON_FAIL=1 keeps the run dir)
+e2e: deps
+    cargo test --locked --test e2e -- --nocapture
+
 # Lints CI-quality code must pass
 lint:
     cargo fmt --check

@@ -200,14 +200,11 @@ impl Policy {
             }
             r.set(opt::BOOTFILE, b.file.as_bytes().to_vec());
         }
+        // No `PXEClient` echo for PXE firmware: with option 60 and no option 43 the offer
+        // asks for boot server discovery on port 4011 (PXE 2.1), which we do not serve;
+        // OVMF then fails with PXE-E16. A plain offer with a boot file is what it boots.
         if is_http_client(req) {
             r.set(opt::VENDOR_CLASS, b"HTTPClient".to_vec());
-        } else if req
-            .vendor_class()
-            .is_some_and(|v| v.starts_with(b"PXEClient"))
-        {
-            // Some PXE ROMs ignore replies without it.
-            r.set(opt::VENDOR_CLASS, b"PXEClient".to_vec());
         }
         if is_ipxe(req) {
             r.set(opt::IPXE_ENCAP, IPXE_NO_PXEDHCP.to_vec());
@@ -371,12 +368,13 @@ mod tests {
         assert_eq!(b.as_deref(), Some("http://10.10.10.2/ipxe.efi"));
         assert_eq!(r.get(opt::VENDOR_CLASS), Some(&b"HTTPClient"[..]));
 
-        // PXE firmware: option 60 PXEClient echoed.
-        let (r, _) = boot(&[
+        // PXE firmware: no option 60 (it would ask for boot server discovery on :4011).
+        let (r, b) = boot(&[
             (opt::VENDOR_CLASS, &b"PXEClient:Arch:00007:UNDI:003016"[..]),
             (opt::CLIENT_ARCH, &[0, 7]),
         ]);
-        assert_eq!(r.get(opt::VENDOR_CLASS), Some(&b"PXEClient"[..]));
+        assert_eq!(b.as_deref(), Some("ipxe.efi"));
+        assert_eq!(r.get(opt::VENDOR_CLASS), None);
     }
 
     #[test]
