@@ -80,3 +80,5 @@ bench: deps
     bench/sops.sh
     bench/publish.sh {{fixtures}}/talos-bench.iso
     bench/serve.sh {{fixtures}}/talos-bench.iso
+    tests/fixtures/make-talos-iso.sh {{fixtures}}/talos-fixture.iso
+    bench/boot.sh {{fixtures}}/talos-fixture.iso
