@@ -37,9 +37,37 @@ impl Drop for Vm {
     }
 }
 
+/// Ports of the appliance's services, forwarded from loopback to its uplink address
+/// (10.0.2.15) so the test can knock on them from the uplink side: (proto, guest port).
+const SCAN: &[(&str, u16)] = &[
+    ("tcp", 80),
+    ("tcp", 53),
+    ("udp", 53),
+    ("udp", 67),
+    ("udp", 69),
+];
+
+/// A free loopback port for QEMU's hostfwd (bound and released right away).
+fn free_port(proto: &str) -> u16 {
+    if proto == "tcp" {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
 /// Boot `image` with its PXE NIC on a link of its own and, when `uplink`, a second NIC on
-/// QEMU user networking (`restrict=on`: nothing leaves this machine).
-fn boot(image: &Path, dir: &Path, uplink: bool) -> Vm {
+/// QEMU user networking (`restrict=on`: nothing leaves this machine) whose `hostfwd`s
+/// (`fwd`: proto, host port, guest port) reach the appliance's uplink address.
+fn boot(image: &Path, dir: &Path, uplink: bool, fwd: &[(&str, u16, u16)]) -> Vm {
     let vars = dir.join("vars.fd");
     std::fs::copy(OVMF_VARS, &vars).unwrap();
     let log = dir.join("serial.log");
@@ -69,10 +97,13 @@ fn boot(image: &Path, dir: &Path, uplink: bool) -> Vm {
     .args(["-netdev", "hubport,id=pxe,hubid=0", "-device"])
     .arg(format!("virtio-net-pci,netdev=pxe,mac={PXE_MAC},romfile="));
     if uplink {
-        cmd.args(["-netdev", "user,id=up,restrict=on", "-device"])
-            .arg(format!(
-                "virtio-net-pci,netdev=up,mac={UPLINK_MAC},romfile="
-            ));
+        let mut netdev = "user,id=up,restrict=on".to_string();
+        for (proto, host, guest) in fwd {
+            netdev.push_str(&format!(",hostfwd={proto}:127.0.0.1:{host}-:{guest}"));
+        }
+        cmd.args(["-netdev", &netdev, "-device"]).arg(format!(
+            "virtio-net-pci,netdev=up,mac={UPLINK_MAC},romfile="
+        ));
     }
     let child = cmd
         .stdin(Stdio::null())
@@ -142,6 +173,40 @@ impl Vm {
     }
 }
 
+/// Whether something answers a probe sent to a forwarded port: an HTTP request over TCP
+/// (QEMU accepts the host side at once, so only a reply counts), or a DNS query, a DHCP
+/// DISCOVER or a TFTP read request over UDP.
+fn answers(proto: &str, port: u16) -> bool {
+    let timeout = Duration::from_secs(3);
+    if proto == "tcp" {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(timeout)).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+        let mut buf = [0u8; 64];
+        return matches!(s.read(&mut buf), Ok(n) if n > 0);
+    }
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    // DNS query for "a." (also garbage to DHCP/TFTP), then a TFTP RRQ, then a BOOTREQUEST.
+    let dns = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x01\x00\x01".to_vec();
+    let rrq = b"\x00\x01ipxe.efi\x00octet\x00".to_vec();
+    let mut dhcp = vec![0u8; 300];
+    dhcp[0] = 1; // BOOTREQUEST
+    dhcp[1] = 1;
+    dhcp[2] = 6;
+    dhcp[28..34].copy_from_slice(&[0x00, 0x11, 0x22, 0x33, 0x44, 0x55]);
+    dhcp[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    dhcp[240..243].copy_from_slice(&[53, 1, 1]);
+    dhcp[243] = 255;
+    for probe in [dns, rrq, dhcp] {
+        let _ = s.send_to(&probe, ("127.0.0.1", port));
+    }
+    let mut buf = [0u8; 1500];
+    s.recv_from(&mut buf).is_ok()
+}
+
 fn build_image(dir: &Path) -> PathBuf {
     let out = dir.join("out");
     run_ok(&mut build_cmd(
@@ -173,7 +238,11 @@ fn image_boots_gets_an_uplink_and_powers_off_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let image = build_image(tmp.path());
     let (_, _, _, root_guid) = sgdisk_partition(&image, 2);
-    let mut vm = boot(&image, tmp.path(), true);
+    let fwd: Vec<(&str, u16, u16)> = SCAN
+        .iter()
+        .map(|&(proto, guest)| (proto, free_port(proto), guest))
+        .collect();
+    let mut vm = boot(&image, tmp.path(), true, &fwd);
     let ready = vm.wait_for("MKAPPLIANCE-READY");
     let text = vm.console();
     // systemd-boot passed our entry's options (the root GUID sgdisk reports) to the kernel.
@@ -217,6 +286,14 @@ fn image_boots_gets_an_uplink_and_powers_off_cleanly() {
         "DHCP stood down on the PXE link:\n{text}"
     );
     assert!(!text.contains("MKAPPLIANCE-ERROR"), "{text}");
+    // Nothing of ours answers on the uplink address: knock on every service port there.
+    for &(proto, host, guest) in &fwd {
+        assert!(
+            !answers(proto, host),
+            "{proto}/{guest} answers on the uplink address:\n{}",
+            vm.console()
+        );
+    }
     vm.power_button();
     let text = vm.console();
     assert!(text.contains("mkappliance: power off"), "{text}");
@@ -229,7 +306,7 @@ fn image_boots_gets_an_uplink_and_powers_off_cleanly() {
 fn without_an_uplink_it_says_offline_and_still_serves() {
     let tmp = tempfile::tempdir().unwrap();
     let image = build_image(tmp.path());
-    let mut vm = boot(&image, tmp.path(), false);
+    let mut vm = boot(&image, tmp.path(), false, &[]);
     let ready = vm.wait_for("MKAPPLIANCE-READY");
     assert!(ready.contains("uplink=offline"), "{ready}");
     assert!(ready.contains("services=dhcp,tftp,http,dns"), "{ready}");
@@ -239,4 +316,28 @@ fn without_an_uplink_it_says_offline_and_still_serves() {
     // One key on the VGA console's keyboard re-arms boot-once (nothing armed yet here).
     vm.monitor("sendkey r");
     vm.wait_for("boot-once: not armed yet");
+}
+
+/// Control for the uplink knock: the probes do detect a service that answers.
+#[test]
+fn the_uplink_knock_detects_listeners() {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&buf[..n], peer);
+        }
+    });
+    assert!(answers("udp", udp_port));
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_port = tcp.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = tcp.accept() {
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\n");
+        }
+    });
+    assert!(answers("tcp", tcp_port));
+    // And silence is silence.
+    assert!(!answers("udp", free_port("udp")));
 }
