@@ -42,6 +42,8 @@ pub mod opt {
     pub const RENEWAL: u8 = 58;
     pub const REBINDING: u8 = 59;
     pub const VENDOR_CLASS: u8 = 60;
+    /// Vendor-specific options (PXE's live here for PXEClient).
+    pub const VENDOR_OPTS: u8 = 43;
     pub const CLIENT_ID: u8 = 61;
     pub const TFTP_SERVER: u8 = 66;
     pub const BOOTFILE: u8 = 67;

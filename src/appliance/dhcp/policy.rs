@@ -14,6 +14,10 @@ use std::net::Ipv4Addr;
 use super::packet::{self, opt, Packet};
 use crate::config::{ApplianceConfig, BootFiles};
 
+/// PXE vendor options (option 43): PXE_DISCOVERY_CONTROL (6) = 8, "use the boot file in
+/// this offer, do no boot server discovery", then the end marker.
+const PXE_NO_DISCOVERY: [u8; 4] = [6, 1, 8, 255];
+
 /// The host name `dhcp-host` gives the node.
 pub const HOSTNAME: &str = "minipc";
 /// iPXE's encapsulated options: 176 ("no-pxedhcp") = 1, then the END of the sub-options,
@@ -200,11 +204,18 @@ impl Policy {
             }
             r.set(opt::BOOTFILE, b.file.as_bytes().to_vec());
         }
-        // No `PXEClient` echo for PXE firmware: with option 60 and no option 43 the offer
-        // asks for boot server discovery on port 4011 (PXE 2.1), which we do not serve;
-        // OVMF then fails with PXE-E16. A plain offer with a boot file is what it boots.
         if is_http_client(req) {
             r.set(opt::VENDOR_CLASS, b"HTTPClient".to_vec());
+        } else if req
+            .vendor_class()
+            .is_some_and(|v| v.starts_with(b"PXEClient"))
+        {
+            // Some PXE ROMs ignore replies without `PXEClient`; but with it and no option
+            // 43 the offer asks for boot server discovery on port 4011, which we do not
+            // serve (OVMF then fails with PXE-E16). So echo it together with discovery
+            // control "no discovery: boot the file named in this offer".
+            r.set(opt::VENDOR_CLASS, b"PXEClient".to_vec());
+            r.set(opt::VENDOR_OPTS, PXE_NO_DISCOVERY.to_vec());
         }
         if is_ipxe(req) {
             r.set(opt::IPXE_ENCAP, IPXE_NO_PXEDHCP.to_vec());
@@ -368,13 +379,15 @@ mod tests {
         assert_eq!(b.as_deref(), Some("http://10.10.10.2/ipxe.efi"));
         assert_eq!(r.get(opt::VENDOR_CLASS), Some(&b"HTTPClient"[..]));
 
-        // PXE firmware: no option 60 (it would ask for boot server discovery on :4011).
+        // PXE firmware: PXEClient echoed, with PXE discovery control 8 (option 43,
+        // sub-option 6: boot the offered file, no boot server discovery).
         let (r, b) = boot(&[
             (opt::VENDOR_CLASS, &b"PXEClient:Arch:00007:UNDI:003016"[..]),
             (opt::CLIENT_ARCH, &[0, 7]),
         ]);
         assert_eq!(b.as_deref(), Some("ipxe.efi"));
-        assert_eq!(r.get(opt::VENDOR_CLASS), None);
+        assert_eq!(r.get(opt::VENDOR_CLASS), Some(&b"PXEClient"[..]));
+        assert_eq!(r.get(opt::VENDOR_OPTS), Some(&[6u8, 1, 8, 255][..]));
     }
 
     #[test]
