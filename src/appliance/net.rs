@@ -136,7 +136,7 @@ pub fn assign_roles(nics: &[Nic], internal: Option<Mac>, uplink: Option<Mac>) ->
 pub struct NicWait {
     /// For the PXE NIC.
     pub pxe: Duration,
-    /// For the uplink, once the PXE NIC is there.
+    /// For an uplink pinned by MAC (`uplink_mac`), once the PXE NIC is there.
     pub uplink: Duration,
 }
 
@@ -164,11 +164,14 @@ pub fn find_nics(net: &Network, wait: NicWait) -> Result<NicRoles> {
         };
         if has_pxe {
             let since = *pxe_seen.get_or_insert(now);
-            let has_uplink = match net.uplink_mac {
-                Some(m) => nics.iter().any(|n| n.mac == m),
-                None => nics.len() >= 2,
+            // PCI NIC drivers probe while their module loads, so an unpinned second NIC
+            // is there by now or not at all; only a pinned (maybe slow, USB) uplink is
+            // worth waiting for, and waiting for nothing would slow every offline boot.
+            let settled = match net.uplink_mac {
+                Some(m) => nics.iter().any(|n| n.mac == m) || now >= since + wait.uplink,
+                None => true,
             };
-            if has_uplink || now >= since + wait.uplink {
+            if settled {
                 return assign_roles(&nics, net.internal_mac, net.uplink_mac);
             }
         } else if now >= start + wait.pxe {

@@ -6,7 +6,6 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 
@@ -90,19 +89,10 @@ pub fn start(sysroot: &Path, consoles: &Arc<Consoles>) -> Result<Serving> {
     }
 
     let c = consoles.clone();
-    // PCI NIC drivers probe while their module loads, so the NICs are there by now. Wait
-    // for a late uplink only when one is pinned by MAC: otherwise every offline boot
-    // would pay for the wait.
-    let wait = NicWait {
-        uplink: if cfg.network.uplink_mac.is_some() {
-            NicWait::default().uplink
-        } else {
-            Duration::ZERO
-        },
-        ..NicWait::default()
-    };
-    let appliance_net = net::bring_up(&cfg, wait, move |s| c.line(&format!("uplink: {s}")))
-        .context("bringing up the PXE network")?;
+    let appliance_net = net::bring_up(&cfg, NicWait::default(), move |s| {
+        c.line(&format!("uplink: {s}"))
+    })
+    .context("bringing up the PXE network")?;
     for w in &appliance_net.warnings {
         consoles.line(&format!("network: {w}"));
     }
