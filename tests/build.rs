@@ -409,3 +409,78 @@ fn inspect_rejects_what_is_not_a_complete_appliance() {
         "{o:?}"
     );
 }
+
+#[test]
+fn optional_boot_files_bootloader_and_a_dynamic_init_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let arm64 = tmp.path().join("ipxe-arm64.efi");
+    std::fs::write(&arm64, b"stand-in arm64 iPXE").unwrap();
+    let out = tmp.path().join("out");
+    let image = build(
+        &out,
+        &[
+            "--ipxe-bios",
+            "/usr/lib/ipxe/undionly.kpxe",
+            "--ipxe-arm64",
+            arm64.to_str().unwrap(),
+            "--bootloader",
+            "/usr/lib/ipxe/snponly.efi",
+            "--init-binary",
+            "/bin/ls",
+        ],
+    );
+    let (esp_off, ..) = sgdisk_partition(&image, 1);
+    let (root_off, ..) = sgdisk_partition(&image, 2);
+    assert_eq!(
+        mcopy(&image, esp_off, "EFI/BOOT/BOOTX64.EFI"),
+        std::fs::read("/usr/lib/ipxe/snponly.efi").unwrap()
+    );
+    assert_eq!(
+        debugfs_cat(&image, root_off, "srv/tftp/undionly.kpxe"),
+        std::fs::read("/usr/lib/ipxe/undionly.kpxe").unwrap()
+    );
+    assert_eq!(
+        debugfs_cat(&image, root_off, "srv/tftp/ipxe-arm64.efi"),
+        b"stand-in arm64 iPXE"
+    );
+    let dnsmasq =
+        String::from_utf8(debugfs_cat(&image, root_off, "etc/appliance/dnsmasq.conf")).unwrap();
+    assert!(
+        dnsmasq.contains("dhcp-boot=tag:!ipxe,tag:bios,undionly.kpxe,,10.10.10.2"),
+        "{dnsmasq}"
+    );
+    assert!(
+        dnsmasq.contains("dhcp-boot=tag:!ipxe,tag:arm64,ipxe-arm64.efi,,10.10.10.2"),
+        "{dnsmasq}"
+    );
+
+    // A dynamically linked /init brings its interpreter and libraries, as ldd lists them.
+    let x = tmp.path().join("initrd");
+    std::fs::create_dir(&x).unwrap();
+    std::fs::write(
+        tmp.path().join("appliance.img"),
+        mcopy(&image, esp_off, "appliance.img"),
+    )
+    .unwrap();
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("zstd -dc ../appliance.img | cpio -idm --quiet --no-absolute-filenames")
+            .current_dir(&x),
+    );
+    assert_eq!(
+        std::fs::read(x.join("init")).unwrap(),
+        std::fs::read("/bin/ls").unwrap()
+    );
+    let ldd = run_ok(Command::new("ldd").arg("/bin/ls"));
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let inside = x.join(lib.trim_start_matches('/'));
+        assert!(
+            inside.exists(),
+            "{lib} (from ldd /bin/ls) is not in the initramfs"
+        );
+    }
+}
