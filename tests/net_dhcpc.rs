@@ -1,6 +1,7 @@
 //! The uplink DHCP client against a real dnsmasq in a peer namespace: lease, address and
 //! default route (judged by `ip -j`), DNS servers, renewal; and static settings.
 
+mod common;
 mod net_common;
 
 use std::net::{Ipv4Addr, SocketAddr};

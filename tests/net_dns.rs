@@ -2,6 +2,7 @@
 //! follows upstream changes at once, falls through dead servers, and answers SERVFAIL
 //! at once when it has none.
 
+mod common;
 mod net_common;
 
 use std::net::SocketAddr;

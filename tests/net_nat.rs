@@ -3,6 +3,7 @@
 //! ruleset is judged by the real `nft`, the traffic by `curl`, `dig` and what the
 //! upstream server sees.
 
+mod common;
 mod net_common;
 
 use std::net::IpAddr;

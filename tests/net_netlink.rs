@@ -1,5 +1,6 @@
 //! Links, addresses and routes set through our netlink code, judged by `ip -j`.
 
+mod common;
 mod net_common;
 
 use std::net::Ipv4Addr;

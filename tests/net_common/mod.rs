@@ -168,40 +168,20 @@ pub fn dnsmasq(ns: &Netns, dir: &std::path::Path, extra: &[&str]) -> std::path::
     log
 }
 
-/// An appliance config for the network tests: PXE 10.10.10.2/24, node 10.10.10.100.
+/// An appliance config for the network tests: the default build's (PXE 10.10.10.2/24,
+/// node 10.10.10.100) with the NICs pinned as given and a one-hour lease.
 pub fn appliance_config(
     internal_mac: Option<&str>,
     uplink_mac: Option<&str>,
 ) -> mkappliance::config::ApplianceConfig {
-    use mkappliance::config::{ApplianceConfig, BootFiles, Network, CONFIG_SCHEMA};
-    ApplianceConfig {
-        schema: CONFIG_SCHEMA,
-        talos_version: "v1.11.6".into(),
-        bootstrap_version: "test".into(),
-        minipc_mac: "00:11:22:33:44:55".parse().unwrap(),
-        network: Network {
-            appliance: "10.10.10.2/24".parse().unwrap(),
-            minipc_ip: "10.10.10.100".parse().unwrap(),
-            dhcp_range: (
-                "10.10.10.50".parse().unwrap(),
-                "10.10.10.60".parse().unwrap(),
-            ),
-            lease_secs: 3600,
-            internal_mac: internal_mac.map(|m| m.parse().unwrap()),
-            uplink_mac: uplink_mac.map(|m| m.parse().unwrap()),
-            uplink_address: None,
-            uplink_gateway: None,
-            uplink_dns: Vec::new(),
-        },
-        talos_kernel_args: String::new(),
-        boot_files: BootFiles {
-            ipxe_efi: "ipxe.efi".into(),
-            ipxe_bios: None,
-            ipxe_arm64: None,
-        },
-        serve_talosconfig: false,
-        boot_once: true,
-    }
+    let mut cfg = crate::common::sample_config();
+    cfg.bootstrap_version = "test".into();
+    cfg.network.lease_secs = 3600;
+    cfg.network.internal_mac = internal_mac.map(|m| m.parse().unwrap());
+    cfg.network.uplink_mac = uplink_mac.map(|m| m.parse().unwrap());
+    cfg.talos_kernel_args = String::new();
+    cfg.boot_files.ipxe_bios = None;
+    cfg
 }
 
 /// The IPv4 addresses `ip -j addr show dev IF` lists: (local, prefixlen, valid_life_time).
