@@ -47,17 +47,7 @@ const READY: &str = "MKAPPLIANCE-READY";
 const ERROR: &str = "MKAPPLIANCE-ERROR";
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    crate::common::run_stdout(cmd)
 }
 
 /// Debian's cloud kernel, extracted and depmod'ed.

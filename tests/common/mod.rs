@@ -52,6 +52,11 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Run `cmd`, which must succeed; its stdout as text.
+pub fn run_stdout(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
+}
+
 /// Byte offset and size of GPT partition `n` as `sgdisk -i` reports them (an independent reader).
 pub fn sgdisk_partition(image: &Path, n: u32) -> (u64, u64, String, String) {
     let out = run_ok(Command::new("sgdisk").arg(format!("-i{n}")).arg(image));
