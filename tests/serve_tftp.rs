@@ -297,6 +297,17 @@ fn retransmits_on_timeout_goes_back_on_short_acks_and_rolls_over() {
         assert_eq!(data_block(&p), 3, "no go-back after a short ACK");
         s.send_to(&[0, 5, 0, 0, 0], tid).unwrap();
 
+        // OVMF's size query: RRQ with tsize, then ERROR 8 (option refused) to the OACK.
+        let s = UdpSocket::bind("10.10.10.100:0").unwrap();
+        s.send_to(
+            &rrq("ipxe.efi", "octet", &[("tsize", "0"), ("blksize", "1468")]),
+            server(),
+        )
+        .unwrap();
+        let (p, tid) = next(&s, Duration::from_secs(2)).expect("OACK to the size query");
+        assert_eq!(&p[..2], &[0, 6]);
+        s.send_to(&[0, 5, 0, 8, 0], tid).unwrap();
+
         // 8-byte blocks: 2.5 million blocks would take long, so fetch 600 KB worth of a
         // 20 MB file with a window of 64 past block 65535 and check the bytes.
         let s = UdpSocket::bind("10.10.10.100:0").unwrap();
@@ -345,5 +356,18 @@ fn retransmits_on_timeout_goes_back_on_short_acks_and_rolls_over() {
     assert!(
         events(&log, "tftp-failed").len() >= 3,
         "aborted transfers are logged as failed:\n{log}"
+    );
+    let probes = events(&log, "tftp-size-query");
+    assert_eq!(probes.len(), 1, "one size query:\n{log}");
+    assert!(
+        probes[0].contains("file=ipxe.efi")
+            && probes[0].contains(&format!("bytes={}", std::fs::metadata(IPXE).unwrap().len())),
+        "the size query names the file and its size:\n{log}"
+    );
+    assert!(
+        !events(&log, "tftp-failed")
+            .iter()
+            .any(|l| l.contains("file=ipxe.efi")),
+        "a size query is not a failed transfer:\n{log}"
     );
 }

@@ -248,6 +248,10 @@ impl Job {
             .and_then(|s| transfer::send(&s, &self.source, &self.opts));
         let mut ev = match &result {
             Ok(bytes) => Event::new("tftp-sent").field("bytes", *bytes),
+            // Not a failure: the size query that comes before the real request.
+            Err(transfer::Failure::SizeOnly) => {
+                Event::new("tftp-size-query").field("bytes", self.source.len())
+            }
             Err(e) => Event::new("tftp-failed").field("error", e.to_string()),
         };
         ev = ev

@@ -50,6 +50,9 @@ impl Source {
 pub enum Failure {
     /// The client sent an ERROR packet (code).
     ClientError(u16),
+    /// The client took the OACK's `tsize` and ended the transfer with "option refused":
+    /// how firmware such as OVMF asks for a file's size before it fetches it.
+    SizeOnly,
     TimedOut,
     Io(io::Error),
 }
@@ -58,6 +61,7 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::ClientError(c) => write!(f, "the client aborted (TFTP error {c})"),
+            Failure::SizeOnly => write!(f, "the client only asked for the size"),
             Failure::TimedOut => {
                 write!(f, "no acknowledgement after {MAX_RETRIES} retransmissions")
             }
@@ -234,6 +238,9 @@ pub fn send(sock: &UdpSocket, src: &Source, opts: &Negotiated) -> Result<u64, Fa
                 Ok(Wait::Acked(_)) => break,
                 Ok(Wait::Timeout) if retries < MAX_RETRIES => retries += 1,
                 Ok(Wait::Timeout) => return Err(Failure::TimedOut),
+                Err(Failure::ClientError(packet::ERR_OPTIONS)) if opts.tsize => {
+                    return Err(Failure::SizeOnly)
+                }
                 Err(e) => return Err(e),
             }
         }
