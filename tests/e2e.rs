@@ -96,7 +96,12 @@ fn appliance_spec(s: &Setup, probe_port: u16, link: u16) -> VmSpec {
     ];
     let mut args = vec![
         "-drive".into(),
-        format!("file={},if=virtio,format=raw", s.image.display()),
+        // snapshot: an IT_BOOTSTRAP_DISK is someone's image, and the appliance writes its
+        // boot-once state to its rootfs.
+        format!(
+            "file={},if=virtio,format=raw,snapshot=on",
+            s.image.display()
+        ),
     ];
     // Pinned MACs must win over PCI order, so put the uplink first; an image without pins
     // takes the first NIC for PXE.
