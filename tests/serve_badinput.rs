@@ -45,14 +45,7 @@ fn malformed_dhcp_packets_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let image = lab::build_image(dir.path(), &[]);
     let pair = Pair::new(PINNED_MAC, None);
-    let mut serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        true,
-    );
+    let mut serve = lab::serve_image(&pair.server, dir.path(), &image, true);
     pair.client.enter(|| {
         let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
         s.set_broadcast(true).unwrap();
@@ -139,14 +132,7 @@ fn bad_tftp_requests_get_errors_or_are_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let image = lab::build_image(dir.path(), &[]);
     let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
-    let mut serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        false,
-    );
+    let mut serve = lab::serve_image(&pair.server, dir.path(), &image, false);
     pair.client.enter(|| {
         let err = |p: &[u8]| {
             let (op, rest) = tftp_ask(p).unwrap_or_else(|| panic!("no answer to {p:?}"));
@@ -232,14 +218,7 @@ fn bad_http_requests_get_4xx_and_stalled_clients_block_nobody() {
     let dir = tempfile::tempdir().unwrap();
     let image = lab::build_image(dir.path(), &[]);
     let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
-    let mut serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        false,
-    );
+    let mut serve = lab::serve_image(&pair.server, dir.path(), &image, false);
     let boot = lab::image_file(&image, "srv/http/boot.ipxe");
     let expected = boot.clone();
     pair.client.enter(move || {

@@ -60,14 +60,7 @@ fn pinned_node_gets_what_dnsmasq_gives_it() {
     let theirs = Pair::new(PINNED_MAC, None);
     theirs.server.add_addr(SERVER_IF, "10.10.10.2/24");
     let _dnsmasq = dnsmasq(&theirs.server, dir.path(), &conf, &["--port=0"]);
-    let serve = lab::serve(
-        &ours.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        true,
-    );
+    let serve = lab::serve_image(&ours.server, dir.path(), &image, true);
 
     // (udhcpc options, the boot file the rendered config implies)
     let cases: &[(&[&str], Option<&str>)] = &[
@@ -116,14 +109,7 @@ fn other_macs_get_nothing_and_are_logged_once() {
     let image = lab::build_image(dir.path(), &[]);
     let stranger = "52:54:00:12:34:56";
     let pair = Pair::new(stranger, None);
-    let serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        true,
-    );
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, true);
     for _ in 0..2 {
         assert!(lab::udhcpc(&pair.client, dir.path(), CLIENT_IF, &["-x", "0x5d:0007"]).is_none());
     }
@@ -302,14 +288,7 @@ fn request_states_inform_release_and_decline() {
     let dir = tempfile::tempdir().unwrap();
     let image = lab::build_image(dir.path(), &[]);
     let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
-    let serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        true,
-    );
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, true);
     let us = Ipv4Addr::new(10, 10, 10, 2);
     let node = Ipv4Addr::new(10, 10, 10, 100);
     let bcast = Ipv4Addr::BROADCAST;
@@ -406,14 +385,7 @@ fn router_advertisement_says_there_is_no_router() {
     let pair = Pair::new(PINNED_MAC, None);
     let server_mac = pair.server.ip(&["-br", "link", "show", SERVER_IF]);
     let server_mac = server_mac.split_whitespace().nth(2).unwrap().to_string();
-    let _serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        false,
-    );
+    let _serve = lab::serve_image(&pair.server, dir.path(), &image, false);
     let ra = pair.client.enter(|| {
         let s = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).unwrap();
         s.bind_device(Some(CLIENT_IF.as_bytes())).unwrap();

@@ -76,14 +76,7 @@ fn get_head_ranges_types_and_keep_alive() {
     let dir = tempfile::tempdir().unwrap();
     let image = lab::build_image(dir.path(), &[]);
     let pair = client();
-    let serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        false,
-    );
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
     let c = &pair.client;
 
     let boot = http(c, &[&url("/boot.ipxe")]);
@@ -168,14 +161,7 @@ fn configs_go_to_the_pinned_node_only_and_traversal_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let image = lab::build_image(dir.path(), &[]);
     let pair = client();
-    let serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        false,
-    );
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
     let c = &pair.client;
     let config = lab::image_file(&image, "srv/http/configs/minipc.yaml");
 
@@ -290,14 +276,7 @@ fn pxe_every_boot_never_switches() {
     let dir = tempfile::tempdir().unwrap();
     let image = lab::build_image(dir.path(), &["--pxe-every-boot"]);
     let pair = client();
-    let serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        false,
-    );
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
     assert_eq!(
         http(&pair.client, &[&url("/configs/minipc.yaml")]).status,
         200

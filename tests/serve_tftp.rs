@@ -43,14 +43,7 @@ fn curl_fetches_ipxe_and_a_20_mb_file_with_any_block_size() {
     let (image, big) = image_with_files(dir.path());
     let ipxe = std::fs::read(IPXE).unwrap();
     let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
-    let serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        false,
-    );
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
     for blk in [None, Some("1468"), Some("8192")] {
         for (name, want) in [("ipxe.efi", &ipxe), ("big.bin", &big)] {
             let mut args = vec![];
@@ -85,14 +78,7 @@ fn atftp_with_windowsize_and_many_clients_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let (image, big) = image_with_files(dir.path());
     let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
-    let serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        false,
-    );
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
     let out = dir.path().join("atftp.bin");
     lab::run(
         pair.client
@@ -149,14 +135,7 @@ fn refuses_writes_traversal_and_missing_files() {
     let dir = tempfile::tempdir().unwrap();
     let image = lab::build_image(dir.path(), &[]);
     let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
-    let serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        false,
-    );
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
     let upload = dir.path().join("up.txt");
     std::fs::write(&upload, "hello").unwrap();
     let (code, _, _) = lab::curl(
@@ -242,14 +221,7 @@ fn retransmits_on_timeout_goes_back_on_short_acks_and_rolls_over() {
     let dir = tempfile::tempdir().unwrap();
     let (image, big) = image_with_files(dir.path());
     let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
-    let serve = lab::serve(
-        &pair.server,
-        dir.path(),
-        "serve",
-        &lab::image_args(&image),
-        &[],
-        false,
-    );
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
     pair.client.enter(move || {
         let s = UdpSocket::bind("10.10.10.100:0").unwrap();
         // Lock-step: DATA 1 unacknowledged comes again after the 1 s default timeout.

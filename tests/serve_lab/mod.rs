@@ -241,6 +241,11 @@ pub fn serve(
     p
 }
 
+/// [`serve`] straight from a built image, the way most tests run it.
+pub fn serve_image(ns: &Ns, dir: &Path, image: &Path, dhcp: bool) -> Proc {
+    serve(ns, dir, "serve", &image_args(image), &[], dhcp)
+}
+
 /// `--image PATH` as arguments for [`serve`].
 pub fn image_args(image: &Path) -> [&Path; 2] {
     [Path::new("--image"), image]
