@@ -35,10 +35,6 @@ impl Console {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The complete lines written since the last poll, cleaned.
     pub fn poll(&mut self) -> Result<Vec<String>> {
         if self.file.is_none() {

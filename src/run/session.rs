@@ -455,10 +455,8 @@ impl<'a> Session<'a> {
             consoles.push(("client", &c.console));
         }
         for (name, console) in consoles {
-            eprintln!(
-                "--- last {TAIL_LINES} lines of the {name} console ({}) ---",
-                console.path().display()
-            );
+            // (No path: unless --keep, the run directory is about to be removed.)
+            eprintln!("--- last {TAIL_LINES} lines of the {name} console ---");
             for l in console.tail() {
                 eprintln!("{l}");
             }
