@@ -4,8 +4,10 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 # Debian packages the tests and the demo use (real tools judge our images).
 apt_packages := "xorriso mtools dosfstools e2fsprogs gdisk qemu-system-x86 ovmf ipxe systemd-boot-efi squashfs-tools kmod zstd cpio dnsmasq-base nginx curl busybox atftp age nftables bind9-dnsutils iproute2"
-target := "target/x86_64-unknown-linux-gnu"
+target := env_var_or_default("CARGO_TARGET_DIR", "target") / "x86_64-unknown-linux-gnu"
 fixtures := env_var_or_default("MKAPPLIANCE_FIXTURE_CACHE", justfile_directory() / ".fixtures")
+demo_dir := fixtures / "demo"
+demo_image := demo_dir / "bootstrap-pxe.raw"
 
 default:
     @just --list
@@ -54,22 +56,44 @@ lint:
 fixture-iso: deps
     tests/fixtures/make-talos-iso.sh {{fixtures}}/talos-fixture.iso
 
-# Build an appliance from examples/ and the fixture ISO, then boot it in QEMU (Ctrl-A X quits)
-demo: deps fixture-iso
+# Build the demo appliance image from examples/ and the fixture ISO into .fixtures/demo/
+demo-image: deps fixture-iso
     cargo build --locked
-    rm -rf {{fixtures}}/demo
+    rm -rf {{demo_dir}}
     {{target}}/debug/mkappliance build v1.11.6 demo 00:11:22:33:44:55 \
         --iso {{fixtures}}/talos-fixture.iso \
         --config examples/controlplane.yaml \
-        --out-dir {{fixtures}}/demo
-    {{target}}/debug/mkappliance inspect {{fixtures}}/demo/bootstrap-pxe.raw
-    cp /usr/share/OVMF/OVMF_VARS_4M.fd {{fixtures}}/demo/vars.fd
+        --extra-kernel-args console=ttyS0 \
+        --out-dir {{demo_dir}}
+    {{target}}/debug/mkappliance inspect {{demo_image}}
+
+# Build an appliance from examples/ and the fixture ISO, then boot it in QEMU (Ctrl-A X quits)
+demo: demo-image
+    cp /usr/share/OVMF/OVMF_VARS_4M.fd {{demo_dir}}/vars.fd
     @echo "Booting the appliance under QEMU (TCG). Press Ctrl-A then X to quit."
     qemu-system-x86_64 -accel tcg -machine q35 -m 512 -nographic -no-reboot \
         -drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
-        -drive if=pflash,format=raw,file={{fixtures}}/demo/vars.fd \
-        -drive file={{fixtures}}/demo/bootstrap-pxe.raw,if=virtio,format=raw \
+        -drive if=pflash,format=raw,file={{demo_dir}}/vars.fd \
+        -drive file={{demo_image}},if=virtio,format=raw \
         -nic none
+
+# Try an image before importing it: boot it in QEMU with a PXE client VM (`mkappliance run`; no IMAGE: the demo image). Ctrl-C quits
+[positional-arguments]
+run IMAGE="" *ARGS: deps
+    #!/usr/bin/env bash
+    set -euo pipefail
+    image="${1:-}"
+    shift || true
+    if [ -z "$image" ] || [[ "$image" == -* ]]; then
+        # No image, or only `mkappliance run` options: build and boot the demo image.
+        [ -z "$image" ] || set -- "$image" "$@"
+        {{just_executable()}} demo-image
+        image={{demo_image}}
+    elif [[ "$image" != /* ]]; then
+        image="{{invocation_directory()}}/$image"
+    fi
+    cargo build --locked --quiet
+    exec {{target}}/debug/mkappliance run "$image" "$@"
 
 # Benchmark the build against `cp`, decryption against `sops -d`, compression against `gzip -6`, upload against `aws s3 cp`, and `serve` against dnsmasq and nginx (figures go in BENCHMARKS.md; serve needs root)
 bench: deps

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::publish::{CompressFlag, Format, Sse};
+pub use crate::run::RunArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +32,20 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Run the appliance's PXE services (DHCP, TFTP, HTTP) on this host
     Serve(ServeArgs),
+    /// Boot a built image in QEMU with a PXE client VM, to try it before importing it
+    ///
+    /// Boots IMAGE as the appliance VM (q35, UEFI firmware, 512 MiB; KVM when /dev/kvm is
+    /// usable, else TCG) with its PXE NIC on a private link to a client VM and its uplink on
+    /// QEMU user networking (NAT to this host's network; --offline cuts it off). When the
+    /// appliance prints its ready line, the client VM (UEFI, an empty disk, the node MAC the
+    /// image pins) PXE-boots from it as the mini-PC would: DHCP, iPXE over TFTP, Talos over
+    /// HTTP, the machine config, then its own disk once installed. The image is not
+    /// modified: the appliance's writes go to a throwaway snapshot. Both serial consoles are
+    /// streamed to stdout, prefixed "appliance | " and "client    | "; status goes to stderr.
+    /// Press Ctrl-C to quit: both VMs are stopped and the run files removed. For scripts and
+    /// CI, --until ends the run with status 0 once a stage is reached, --timeout fails a
+    /// stage that takes too long (naming it) and --json prints the timings.
+    Run(Box<RunArgs>),
     /// Decrypt a SOPS-encrypted config (age recipients) and print it on stdout, as the
     /// build does; plaintext files are printed unchanged
     Decrypt(DecryptArgs),

@@ -16,6 +16,7 @@ pub mod layout;
 pub mod machineconfig;
 pub mod publish;
 pub mod render;
+pub mod run;
 pub mod sops;
 pub mod tree;
 pub mod util;

@@ -15,6 +15,7 @@ fn main() {
         Command::Build(args) => mkappliance::builder::build(&args).map(|_| ()),
         Command::Inspect(args) => mkappliance::inspect::inspect(&args),
         Command::Serve(args) => mkappliance::appliance::serve::run(&args),
+        Command::Run(args) => mkappliance::run::run(&args),
         Command::Decrypt(args) => decrypt(&args),
         Command::Compress(args) => mkappliance::publish::compress_cmd(&args),
         Command::Upload(args) => mkappliance::publish::upload_cmd(&args),
@@ -23,7 +24,12 @@ fn main() {
     if let Err(e) = result {
         // One line that reads like a path through the program.
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let interrupted = e.downcast_ref::<mkappliance::run::Interrupted>().is_some();
+        std::process::exit(if interrupted {
+            mkappliance::run::INTERRUPTED_EXIT
+        } else {
+            1
+        });
     }
 }
 
