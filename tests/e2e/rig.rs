@@ -181,6 +181,7 @@ impl fmt::Debug for Failure {
 }
 
 /// Lines that end a stage early: a line containing every needle means `why`.
+#[derive(Clone, Copy)]
 pub struct Fatal<'a> {
     pub needles: &'a [&'a str],
     pub why: &'a str,
