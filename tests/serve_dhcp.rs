@@ -103,6 +103,50 @@ fn pinned_node_gets_what_dnsmasq_gives_it() {
     );
 }
 
+/// A client that asks while the rogue-DHCP guard's first probe is still open (a PXE
+/// client powered on with the appliance) is answered when it closes, not dropped: OVMF
+/// would send its next DISCOVER only 4 s later and then wait 8 s for offers.
+#[test]
+fn a_discover_in_the_guards_first_window_is_answered_when_it_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = lab::build_image(dir.path(), &[]);
+    let pair = Pair::new(PINNED_MAC, None);
+    // Waits for the ready line only: the guard's first window (4 s) is still open.
+    let serve = lab::serve(
+        &pair.server,
+        dir.path(),
+        "serve",
+        &lab::image_args(&image),
+        &[],
+        false,
+    );
+    assert!(
+        events(&serve.output(), "dhcp-guard-clear").is_empty(),
+        "the window closed before the client started:\n{}",
+        serve.output()
+    );
+    // One DISCOVER, then up to 8 s for an offer.
+    let lease = lab::udhcpc(
+        &pair.client,
+        dir.path(),
+        CLIENT_IF,
+        &["-x", "0x5d:0007", "-t", "1", "-T", "8"],
+    )
+    .unwrap_or_else(|| panic!("no lease for the one DISCOVER:\n{}", serve.output()));
+    assert_eq!(lease["ip"], NODE_IP);
+    assert_eq!(lease.get("boot_file").map(String::as_str), Some("ipxe.efi"));
+    let log = serve.output();
+    let pos = |kind: &str| {
+        log.find(&format!(" {kind} "))
+            .unwrap_or_else(|| panic!("no {kind} in:\n{log}"))
+    };
+    // Held while the window was open, offered once it closed clean.
+    assert!(pos("dhcp-held") < pos("dhcp-guard-clear"), "{log}");
+    assert!(pos("dhcp-guard-clear") < pos("dhcp-offer"), "{log}");
+    assert_eq!(events(&log, "dhcp-offer").len(), 1, "{log}");
+    assert!(events(&log, "dhcp-not-serving").is_empty(), "{log}");
+}
+
 #[test]
 fn other_macs_get_nothing_and_are_logged_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -25,6 +25,10 @@ use policy::{Ignored, Outcome, Policy};
 const TICK: Duration = Duration::from_millis(250);
 /// dnsmasq keeps a declined static address out of use this long (DECLINE_BACKOFF).
 const DECLINE_BACKOFF: Duration = Duration::from_secs(600);
+/// Requests held while the guard's first probe window is open, answered when it closes
+/// clean. Dropping them instead costs a PXE client far more than the wait: OVMF sends its
+/// next DISCOVER 4 s later and then collects offers for 8 s instead of 4.
+const MAX_HELD: usize = 16;
 /// `ATF_COM`: a complete ARP entry.
 const ATF_COM: libc::c_int = 0x02;
 
@@ -35,6 +39,7 @@ pub struct DhcpServer {
     guard: Guard,
     events: EventLog,
     declined_until: Option<Instant>,
+    held: Vec<(Vec<u8>, SocketAddr)>,
 }
 
 impl DhcpServer {
@@ -53,6 +58,7 @@ impl DhcpServer {
             guard,
             events: events.clone(),
             declined_until: None,
+            held: Vec::new(),
         })
     }
 
@@ -62,6 +68,12 @@ impl DhcpServer {
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             self.guard.tick(now, &self.events);
+            self.release_held();
+            // Wake when the first probe window closes, to answer what it held at once.
+            let wait = match self.guard.starting() {
+                Some(Some(closes)) => closes.saturating_duration_since(now).min(TICK),
+                _ => TICK,
+            };
             let mut fds = vec![libc::pollfd {
                 fd: self.sock.as_raw_fd(),
                 events: libc::POLLIN,
@@ -79,7 +91,7 @@ impl DhcpServer {
                 libc::poll(
                     fds.as_mut_ptr(),
                     fds.len() as libc::nfds_t,
-                    TICK.as_millis() as i32,
+                    wait.as_micros().div_ceil(1000) as i32,
                 )
             };
             if n <= 0 {
@@ -93,6 +105,17 @@ impl DhcpServer {
                     self.handle(&buf[..len], src);
                 }
             }
+        }
+    }
+
+    /// Once the guard's first window has closed: answer what it held, or (standing
+    /// down) let [`Self::handle`] say why not.
+    fn release_held(&mut self) {
+        if self.held.is_empty() || self.guard.starting().is_some() {
+            return;
+        }
+        for (data, src) in std::mem::take(&mut self.held) {
+            self.handle(&data, src);
         }
     }
 
@@ -132,13 +155,26 @@ impl DhcpServer {
             return;
         }
         let mac = Mac(self.policy.mac);
+        if self.guard.starting().is_some() {
+            if self.held.len() < MAX_HELD {
+                self.held.push((data.to_vec(), src));
+            }
+            self.events.emit_once(
+                format!("dhcp-held {mac}"),
+                Event::new("dhcp-held").mac(mac).field(
+                    "note",
+                    "answering when the rogue-DHCP guard's first probe closes (within 4 s)",
+                ),
+            );
+            return;
+        }
         if !self.guard.serving() {
             self.events.emit_once(
                 format!("dhcp-not-serving {mac}"),
-                Event::new("dhcp-not-serving").warning().mac(mac).field(
-                    "note",
-                    "another DHCP server is on this link (or the guard's first probe is open)",
-                ),
+                Event::new("dhcp-not-serving")
+                    .warning()
+                    .mac(mac)
+                    .field("note", "another DHCP server is on this link"),
             );
             return;
         }

@@ -5,7 +5,8 @@
 //! server on the link, ours excepted (we ignore unknown MACs). It also listens: any
 //! broadcast OFFER/ACK/NAK from a server that is not us. Either stands the DHCP server
 //! down; it resumes only after a probe goes unanswered and the link has been quiet for
-//! a while. DHCP answers wait for the first probe window to close.
+//! a while. DHCP answers wait for the first probe window to close (the server holds
+//! requests that come in meanwhile and answers them then).
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -119,6 +120,12 @@ impl Guard {
     /// Whether the DHCP server may answer clients now.
     pub fn serving(&self) -> bool {
         self.state == State::Serving
+    }
+
+    /// While the first probe window is open (nothing seen yet): when it closes, if it
+    /// has been opened.
+    pub fn starting(&self) -> Option<Option<Instant>> {
+        (self.state == State::Starting).then(|| self.probe.map(|(_, closes)| closes))
     }
 
     fn probe_packet(&self, xid: u32) -> Vec<u8> {
