@@ -147,6 +147,100 @@ fn a_discover_in_the_guards_first_window_is_answered_when_it_closes() {
     assert!(events(&log, "dhcp-not-serving").is_empty(), "{log}");
 }
 
+/// Install (in a child, before exec) a seccomp filter that kills the process on a
+/// getrandom that could block: neither GRND_NONBLOCK (1) nor GRND_INSECURE (4) set.
+fn kill_on_blocking_getrandom(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    /// struct seccomp_data: nr at 0, arch at 4, args[2] (low half) at 16 + 2 * 8.
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    const ARG2: u32 = 32;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let filter = [
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, ARCH),
+        jump(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            AUDIT_ARCH_X86_64,
+            0,
+            4,
+        ),
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, NR),
+        jump(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            libc::SYS_getrandom as u32,
+            0,
+            2,
+        ),
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, ARG2),
+        jump(
+            libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K,
+            0x1 | 0x4,
+            0,
+            1,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_KILL_PROCESS),
+    ];
+    // SAFETY: between fork and exec only prctl and seccomp run, on a filter the closure
+    // owns (fork copied it into the child).
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The appliance starts its services as PID 1 early in boot, often before the kernel's
+/// CRNG is seeded: a getrandom that blocks there stalls DHCP for as long as the kernel
+/// takes to seed it, and sets the kernel spinning to gather entropy. `serve` must never
+/// ask for randomness that can block (here such a call kills it).
+#[test]
+fn serve_never_asks_for_randomness_that_can_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = lab::build_image(dir.path(), &[]);
+    let pair = Pair::new(PINNED_MAC, None);
+    let mut cmd = pair.server.cmd(common::bin());
+    cmd.args(["serve", "--interface", SERVER_IF, "--image"])
+        .arg(&image)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--log-dir")
+        .arg(dir.path().join("log"));
+    kill_on_blocking_getrandom(&mut cmd);
+    let mut serve = Proc::spawn("serve", cmd, &dir.path().join("serve.log"));
+    serve.wait_for("dhcp-guard-clear", Duration::from_secs(20));
+    let lease = lab::udhcpc(&pair.client, dir.path(), CLIENT_IF, &["-x", "0x5d:0007"])
+        .unwrap_or_else(|| panic!("no lease:\n{}", serve.output()));
+    assert_eq!(lease["ip"], NODE_IP);
+    assert!(serve.running(), "{}", serve.output());
+}
+
 #[test]
 fn other_macs_get_nothing_and_are_logged_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -66,10 +66,15 @@ pub fn bind_device_udp(iface: &Iface, port: u16) -> Result<UdpSocket> {
     Ok(s.into())
 }
 
+/// A probe's transaction ID. The guard probes right after boot, often before the kernel's
+/// CRNG is seeded: GRND_INSECURE never blocks there (a blocking getrandom held the DHCP
+/// thread for about a second while the kernel spun the CPU to gather entropy, which under
+/// emulation slowed everything else on the host), and an xid needs no cryptographic
+/// quality.
 fn random_u32() -> u32 {
     let mut b = [0u8; 4];
     // SAFETY: getrandom writes at most b.len() bytes into b.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_INSECURE) };
     if n != 4 {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
