@@ -95,7 +95,7 @@ run IMAGE="" *ARGS: deps
     cargo build --locked --quiet
     exec {{target}}/debug/mkappliance run "$image" "$@"
 
-# Benchmark the build against `cp`, decryption against `sops -d`, compression against `gzip -6`, upload against `aws s3 cp`, and `serve` against dnsmasq and nginx (figures go in BENCHMARKS.md; serve needs root)
+# Benchmark the build against `cp`, decryption against `sops -d`, compression against `gzip -6`, upload against `aws s3 cp`, `serve` against dnsmasq and nginx, and appliance + PXE client boot against a dnsmasq + busybox appliance (figures go in BENCHMARKS.md; serve needs root)
 bench: deps
     command -v hyperfine >/dev/null || { sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo; $sudo apt-get install -y -qq hyperfine >/dev/null; }
     cargo build --locked --release
