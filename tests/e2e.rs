@@ -1,7 +1,8 @@
 //! End to end: the image `mkappliance build` writes boots in QEMU (TCG, q35, OVMF) and
 //! PXE-boots a client through the whole chain, with neither libvirt nor root.
 //!
-//! The appliance VM has its PXE NIC on a private L2 link (`-netdev socket,listen=`) and its
+//! The appliance VM has its PXE NIC on a private L2 link (`-netdev dgram` between two
+//! loopback UDP ports, as `mkappliance run` uses; see `run::Link` for why not a socket) and its
 //! uplink on QEMU user networking with `restrict=on` (nothing leaves the machine) and a
 //! `guestfwd` from 10.0.2.100:80 to a tiny HTTP server this test runs on loopback, standing
 //! in for the internet. The client VM has no disk and one NIC on the link with the pinned
@@ -40,6 +41,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use mkappliance::run::Link;
 use sha2::{Digest, Sha256};
 
 use image::{
@@ -70,7 +72,7 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// Appliance VM arguments: the image, the uplink and the PXE link.
-fn appliance_spec(s: &Setup, probe_port: u16, link: u16) -> VmSpec {
+fn appliance_spec(s: &Setup, probe_port: u16, link: Link) -> VmSpec {
     // A real Talos install pulls its installer image through the NAT: only then may the
     // uplink reach beyond this machine.
     let restrict = if s.real_talos.is_some() { "off" } else { "on" };
@@ -87,7 +89,7 @@ fn appliance_spec(s: &Setup, probe_port: u16, link: u16) -> VmSpec {
     ];
     let pxe = vec![
         "-netdev".into(),
-        format!("socket,id=pxe,listen=127.0.0.1:{link}"),
+        link.appliance_netdev(),
         "-device".into(),
         match &s.pxe_nic_mac {
             Some(mac) => format!("virtio-net-pci,netdev=pxe,mac={mac},romfile="),
@@ -117,10 +119,10 @@ fn appliance_spec(s: &Setup, probe_port: u16, link: u16) -> VmSpec {
 
 /// A PXE client on the link with `mac`. A real Talos client also gets a disk to install
 /// to (booted after the NIC) and a NIC that forwards 127.0.0.1:`api_port` to its API.
-fn client_spec(dir: &Path, name: &str, mac: &str, link: u16, api_port: Option<u16>) -> VmSpec {
+fn client_spec(dir: &Path, name: &str, mac: &str, link: Link, api_port: Option<u16>) -> VmSpec {
     let mut args = vec![
         "-netdev".into(),
-        format!("socket,id=pxe,connect=127.0.0.1:{link}"),
+        link.client_netdev(),
         "-device".into(),
         format!("virtio-net-pci,netdev=pxe,mac={mac},romfile=,bootindex=1"),
     ];
@@ -173,7 +175,7 @@ fn run_chain(dir: &Path, s: &Setup, first_boot_only: bool) -> Result<Timings, Fa
         started.elapsed().as_nanos()
     );
     let (probe_port, probe_requests) = serve_probe(probe_body.clone());
-    let link = free_port();
+    let link = Link::free().unwrap();
     let api_port = s.real_talos.as_ref().map(|_| free_port());
     let mut rig = Rig::new(dir, timeout, started);
     rig.appliance = Some(Vm::start(

@@ -178,7 +178,6 @@ const JSON_DOC: &str = r#"{"machine": {"type": "worker", "token": "abc.def", "po
 "debug": false, "nothing": null, "list": [1, "two", {"three": 3}], "empty": {}, "none": []},
 "html": "<a href=\"x\">&</a>", "multi": "line1\nline2\n", "big": 12345678901234567890}"#;
 
-
 struct Lab {
     tmp: tempfile::TempDir,
     key: PathBuf,

@@ -11,6 +11,9 @@ mod qemu;
 mod session;
 mod signals;
 
+/// The VMs' private link, which the end-to-end test uses too.
+pub use qemu::Link;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -1,9 +1,9 @@
 //! QEMU command lines for the two VMs, and the VM processes themselves.
 //!
 //! Both VMs are q35 machines with OVMF (a private copy of the variable store each), their
-//! serial port written to a file. They share one private L2 link: a socket netdev the
-//! appliance listens on (loopback, a free port) and the client connects to, so no root,
-//! bridge or tap is needed.
+//! serial port written to a file. They share one private L2 link: a `dgram` netdev, one
+//! UDP datagram per Ethernet frame between two loopback ports, so no root, bridge or tap is
+//! needed.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::process::CommandExt;
@@ -168,12 +168,54 @@ pub fn command_line(spec: &VmSpec) -> Result<Vec<String>> {
     Ok(a)
 }
 
+/// The private L2 link between the two VMs: `-netdev dgram` between two loopback UDP ports.
+/// Not `-netdev socket`: that is one TCP connection without `TCP_NODELAY`, so the 2nd to
+/// 4th frame of each TFTP window waits ~40 ms for the peer's delayed ACK (OVMF asks for
+/// windowsize 4; 6.5 s more for `ipxe.efi`, BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Link {
+    pub appliance_port: u16,
+    pub client_port: u16,
+}
+
+impl Link {
+    /// Two UDP ports on loopback that nobody uses right now.
+    pub fn free() -> Result<Link> {
+        let bind = || {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .context("finding a free loopback UDP port for the VMs' private link")
+        };
+        // Both held at once, so they differ.
+        let (a, c) = (bind()?, bind()?);
+        Ok(Link {
+            appliance_port: a.local_addr()?.port(),
+            client_port: c.local_addr()?.port(),
+        })
+    }
+
+    /// The `-netdev` of the appliance's PXE NIC.
+    pub fn appliance_netdev(&self) -> String {
+        dgram(self.appliance_port, self.client_port)
+    }
+
+    /// The `-netdev` of the client's NIC.
+    pub fn client_netdev(&self) -> String {
+        dgram(self.client_port, self.appliance_port)
+    }
+}
+
+fn dgram(local: u16, remote: u16) -> String {
+    format!(
+        "dgram,id=pxe,local.type=inet,local.host=127.0.0.1,local.port={local},remote.type=inet,remote.host=127.0.0.1,remote.port={remote}"
+    )
+}
+
 /// The appliance's disk and NICs. The image is opened with `snapshot=on`: every write
 /// goes to a throwaway overlay, never to the image. The PXE NIC comes first on the bus:
 /// an image without pinned MACs takes its first NIC for PXE and the other as uplink.
 pub fn appliance_devices(
     image: &Path,
-    link_port: u16,
+    link: Link,
     pxe_mac: Mac,
     uplink_mac: Mac,
     offline: bool,
@@ -183,7 +225,7 @@ pub fn appliance_devices(
         "-drive".into(),
         format!("file={},if=virtio,format=raw,snapshot=on", opt_path(image)?),
         "-netdev".into(),
-        format!("socket,id=pxe,listen=127.0.0.1:{link_port}"),
+        link.appliance_netdev(),
         "-device".into(),
         format!("virtio-net-pci,netdev=pxe,mac={pxe_mac},romfile="),
         "-netdev".into(),
@@ -197,7 +239,7 @@ pub fn appliance_devices(
 /// NIC, so OVMF's own PXE does DHCP and TFTP like a real machine's firmware. The NIC
 /// boots first and the disk second: once Talos is installed, boot-once's exit script
 /// falls through from the NIC to the disk.
-pub fn client_devices(link_port: u16, mac: Mac, disk: &Path, bus: DiskBus) -> Result<Vec<String>> {
+pub fn client_devices(link: Link, mac: Mac, disk: &Path, bus: DiskBus) -> Result<Vec<String>> {
     let disk_device = match bus {
         DiskBus::Nvme => "nvme,drive=disk,serial=mkappliance-client,bootindex=2",
         DiskBus::Virtio => "virtio-blk-pci,drive=disk,bootindex=2",
@@ -205,7 +247,7 @@ pub fn client_devices(link_port: u16, mac: Mac, disk: &Path, bus: DiskBus) -> Re
     };
     Ok(vec![
         "-netdev".into(),
-        format!("socket,id=pxe,connect=127.0.0.1:{link_port}"),
+        link.client_netdev(),
         "-device".into(),
         format!("virtio-net-pci,netdev=pxe,mac={mac},romfile=,bootindex=1"),
         "-drive".into(),
@@ -318,6 +360,11 @@ impl Drop for Vm {
 mod tests {
     use super::*;
 
+    const LINK: Link = Link {
+        appliance_port: 4000,
+        client_port: 4001,
+    };
+
     fn mac(s: &str) -> Mac {
         s.parse().unwrap()
     }
@@ -326,7 +373,7 @@ mod tests {
     fn the_image_is_never_written() {
         let d = appliance_devices(
             Path::new("/img/a,b.raw"),
-            4000,
+            LINK,
             mac("52:54:00:00:00:01"),
             mac("52:54:00:00:00:02"),
             false,
@@ -339,7 +386,7 @@ mod tests {
     fn pxe_nic_first_and_offline_restricts_the_uplink() {
         let d = appliance_devices(
             Path::new("/i.raw"),
-            4000,
+            LINK,
             mac("52:54:00:00:00:01"),
             mac("52:54:00:00:00:02"),
             true,
@@ -356,14 +403,14 @@ mod tests {
                 "virtio-net-pci,netdev=uplink,mac=52:54:00:00:00:02,romfile="
             ]
         );
-        assert!(d.contains(&"socket,id=pxe,listen=127.0.0.1:4000".to_string()));
+        assert!(d.contains(&"dgram,id=pxe,local.type=inet,local.host=127.0.0.1,local.port=4000,remote.type=inet,remote.host=127.0.0.1,remote.port=4001".to_string()));
         assert!(d.contains(&"user,id=uplink,restrict=on".to_string()));
     }
 
     #[test]
     fn client_boots_nic_then_disk() {
         let d = client_devices(
-            4000,
+            LINK,
             mac("00:11:22:33:44:55"),
             Path::new("/d.raw"),
             DiskBus::Nvme,
@@ -374,7 +421,7 @@ mod tests {
             "virtio-net-pci,netdev=pxe,mac=00:11:22:33:44:55,romfile=,bootindex=1"
         );
         assert!(d[7].starts_with("nvme,drive=disk") && d[7].ends_with("bootindex=2"));
-        assert_eq!(d[1], "socket,id=pxe,connect=127.0.0.1:4000");
+        assert_eq!(d[1], "dgram,id=pxe,local.type=inet,local.host=127.0.0.1,local.port=4001,remote.type=inet,remote.host=127.0.0.1,remote.port=4000");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::console::{Console, TAIL_LINES};
-use super::qemu::{self, Accel, Engine, Vm, VmSpec};
+use super::qemu::{self, Accel, Engine, Link, Vm, VmSpec};
 use super::{signals, status, Interrupted, Plan, Report, Stage};
 use crate::appliance::init::ERROR_MARKER;
 use crate::config::Mac;
@@ -97,7 +97,7 @@ pub struct Session<'a> {
     plan: &'a Plan,
     dir: PathBuf,
     engine: Engine,
-    link_port: u16,
+    link: Link,
     appliance: Machine,
     client: Option<Machine>,
     ready: Option<Instant>,
@@ -114,13 +114,13 @@ impl<'a> Session<'a> {
             Accel::Auto if qemu::kvm_usable() => Engine::Kvm,
             Accel::Auto => Engine::Tcg,
         };
-        let (appliance, link_port) = start_appliance(plan, dir, engine)?;
+        let (appliance, link) = start_appliance(plan, dir, engine)?;
         report.accel = engine.name();
         Ok(Session {
             plan,
             dir: dir.to_path_buf(),
             engine,
-            link_port,
+            link,
             appliance,
             client: None,
             ready: None,
@@ -393,9 +393,9 @@ impl<'a> Session<'a> {
         ));
         self.appliance.vm.stop();
         self.engine = Engine::Tcg;
-        let (appliance, port) = start_appliance(self.plan, &self.dir, Engine::Tcg)?;
+        let (appliance, link) = start_appliance(self.plan, &self.dir, Engine::Tcg)?;
         self.appliance = appliance;
-        self.link_port = port;
+        self.link = link;
         self.report.accel = Engine::Tcg.name();
         self.report.kvm_fallback = true;
         Ok(())
@@ -421,7 +421,7 @@ impl<'a> Session<'a> {
             serial_log: dir.join("client.log"),
             gui: self.plan.gui,
             full_cpu: true,
-            devices: qemu::client_devices(self.link_port, mac, &disk, plan.disk_bus)?,
+            devices: qemu::client_devices(self.link, mac, &disk, plan.disk_bus)?,
         };
         status(&format!(
             "starting the client VM: MAC {mac}, {} MiB, {} {} disk (boots the NIC, then the disk)",
@@ -492,15 +492,8 @@ fn copy_vars(plan: &Plan, dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(vars)
 }
 
-/// A TCP port on loopback nobody listens on right now, for the private link.
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .context("finding a free loopback port for the VMs' private link")?;
-    Ok(l.local_addr()?.port())
-}
-
-fn start_appliance(plan: &Plan, dir: &Path, engine: Engine) -> Result<(Machine, u16)> {
-    let port = free_port()?;
+fn start_appliance(plan: &Plan, dir: &Path, engine: Engine) -> Result<(Machine, Link)> {
+    let link = Link::free()?;
     let serial_log = dir.join("appliance.log");
     let spec = VmSpec {
         name: "appliance",
@@ -513,7 +506,7 @@ fn start_appliance(plan: &Plan, dir: &Path, engine: Engine) -> Result<(Machine, 
         full_cpu: false,
         devices: qemu::appliance_devices(
             &plan.image,
-            port,
+            link,
             plan.pxe_mac,
             plan.uplink_mac,
             plan.offline,
@@ -544,7 +537,7 @@ fn start_appliance(plan: &Plan, dir: &Path, engine: Engine) -> Result<(Machine, 
             exited: None,
             panic: None,
         },
-        port,
+        link,
     ))
 }
 

@@ -34,7 +34,6 @@ pub struct RealTalos {
     pub talosconfig: PathBuf,
 }
 
-
 /// Encrypt `plain` with the real sops for a new age key; returns (encrypted, key file,
 /// what the real sops decrypts it to).
 fn sops_encrypt(dir: &Path, plain: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
