@@ -62,16 +62,20 @@ started() { # log, needle: wait until the last started server prints needle
         sleep 0.2
     done
 }
-# (`ip netns exec` execs, so $! is the server itself.)
-ip netns exec "$tag-ours-s" "$bin" serve --root "$tree" --interface pxe0 \
+# Each server runs in a session of its own, as a daemon does (nginx and dnsmasq call
+# setsid when they daemonize; `daemon off`/-k keep them in ours): with the kernel's
+# autogroup scheduling, a server in the clients' session splits one CPU share with them,
+# which cost `serve` (not nginx) ≈ 5 % on HTTP, cause unidentified (BENCHMARKS.md).
+# (`setsid` and `ip netns exec` exec, so $! is the server itself.)
+setsid ip netns exec "$tag-ours-s" "$bin" serve --root "$tree" --interface pxe0 \
     --state-dir "$work/state" --log-dir "$work/log" 2> "$work/serve.log" & pids+=($!)
 ours=$!
-ip netns exec "$tag-img-s" "$bin" serve --image "$img" --interface pxe0 \
+setsid ip netns exec "$tag-img-s" "$bin" serve --image "$img" --interface pxe0 \
     --state-dir "$work/state2" --log-dir "$work/log2" 2> "$work/serve2.log" & pids+=($!)
 imgpid=$!
 # The references on the rendered configs, their roots pointed at the unpacked tree.
 sed "s|^tftp-root=.*|tftp-root=$tree/srv/tftp|" "$tree/etc/appliance/dnsmasq.conf" > "$work/dnsmasq.conf"
-ip netns exec "$tag-ref-s" dnsmasq -k -C "$work/dnsmasq.conf" --port=0 --user=root \
+setsid ip netns exec "$tag-ref-s" dnsmasq -k -C "$work/dnsmasq.conf" --port=0 --user=root \
     --log-facility="$work/dnsmasq.log" --dhcp-leasefile="$work/leases" \
     --pid-file="$work/dnsmasq.pid" & pids+=($!)
 started "$work/dnsmasq.log" "TFTP root"
@@ -80,7 +84,7 @@ sed -e "s|root /srv/http;|root $tree/srv/http;|" -e "s|root /srv/tftp;|root $tre
     -e "s|^http {|http {\n    client_body_temp_path $work/nginx/body;\n    proxy_temp_path $work/nginx/proxy;\n    fastcgi_temp_path $work/nginx/fastcgi;\n    uwsgi_temp_path $work/nginx/uwsgi;\n    scgi_temp_path $work/nginx/scgi;|" \
     "$tree/etc/appliance/nginx.conf" | sed '1i user root;' > "$work/nginx.conf"
 mkdir -p "$work/nginx"  # its temp dirs: nginx chowns them to its user, so keep them ours
-ip netns exec "$tag-ref-s" nginx -c "$work/nginx.conf" -g 'daemon off;' 2> "$work/nginx.err" & pids+=($!)
+setsid ip netns exec "$tag-ref-s" nginx -c "$work/nginx.conf" -g 'daemon off;' 2> "$work/nginx.err" & pids+=($!)
 until ip netns exec "$tag-ref-c" curl -s -o /dev/null http://10.10.10.2/boot.ipxe; do
     kill -0 "${pids[-1]}" 2>/dev/null || { cat "$work/nginx.err" >&2; exit 1; }
     sleep 0.2
