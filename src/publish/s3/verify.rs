@@ -3,7 +3,6 @@
 //! file (a multipart ETag is not an MD5 of the object, so the ETag can't tell). Ranges are
 //! read in parallel, and hashed as they stream, so nothing is held in memory.
 
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -110,19 +109,8 @@ pub(super) async fn verify(
 
 /// SHA-256 of a whole file (for the report and SHA256SUMS-style output).
 pub(super) fn hash_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; READ_BUFFER];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    crate::util::sha256_reader(f).with_context(|| format!("hashing {}", path.display()))
 }
 
 #[cfg(test)]
