@@ -45,7 +45,8 @@ use mkappliance::run::Link;
 use sha2::{Digest, Sha256};
 
 use image::{
-    edit_rootfs, file_name, parent, prepare, real_talos_knobs, rootfs_has, RealTalos, Setup,
+    edit_rootfs, external_image, file_name, parent, prepare, real_talos_knobs, rootfs_has,
+    RealTalos, Setup,
 };
 
 use rig::{env_or, free_port, serve_probe, Failure, Fatal, Rig, RunDir, Side, Vm, VmSpec};
@@ -525,9 +526,16 @@ fn client_pxe_boots_through_the_appliance() {
     );
 }
 
-/// Run a deliberately broken image; it must fail at `stage` for a reason containing `why`.
-fn broken(setup: Setup, dir: &Path, stage: &str, why: &str) {
-    match run_chain(dir, &setup, true) {
+/// Build the fixture image, break it with `spoil`, and run it: it must fail at `stage` for
+/// a reason containing `why`, and say which stage.
+fn broken(stage: &str, why: &str, spoil: impl FnOnce(&mut Setup, &Path)) {
+    if !fixture_only() {
+        return;
+    }
+    let run = RunDir::new();
+    let mut setup = prepare(run.path());
+    spoil(&mut setup, run.path());
+    match run_chain(run.path(), &setup, true) {
         Ok(_) => panic!("the broken image passed every stage; expected a failure at {stage:?}"),
         Err(f) => {
             eprintln!("failed as it should: stage {:?}: {}", f.stage, f.why);
@@ -556,82 +564,84 @@ fn fixture_only() -> bool {
     .iter()
     .any(|k| std::env::var_os(k).is_some());
     if swapped {
-        eprintln!("skipped: a broken-image test runs only on the fixture image");
+        eprintln!("skipped: this test runs only on the fixture image");
     }
     !swapped
 }
 
 #[test]
 fn broken_image_wrong_pinned_mac_fails_at_dhcp() {
-    if !fixture_only() {
-        return;
-    }
-    let run = RunDir::new();
-    let mut setup = prepare(run.path());
-    // The image pins MINIPC_MAC; the machine on the link has another MAC.
-    setup.client_mac = "52:54:00:00:00:56".into();
     broken(
-        setup,
-        run.path(),
         "DHCP offer to the pinned MAC",
         "dhcp-ignored 52:54:00:00:00:56",
+        |setup, _| {
+            // The image pins MINIPC_MAC; the machine on the link has another MAC.
+            setup.client_mac = "52:54:00:00:00:56".into();
+        },
     );
 }
 
 #[test]
 fn broken_image_without_ipxe_efi_fails_at_tftp() {
-    if !fixture_only() {
-        return;
-    }
-    let run = RunDir::new();
-    let setup = prepare(run.path());
-    edit_rootfs(&setup.image, &format!("rm {ROOTFS_IPXE}\n"));
-    assert!(
-        !rootfs_has(&setup.image, ROOTFS_IPXE),
-        "debugfs did not remove {ROOTFS_IPXE}"
-    );
-    broken(setup, run.path(), "TFTP ipxe.efi", "tftp-refused");
+    broken("TFTP ipxe.efi", "tftp-refused", |setup, _| {
+        edit_rootfs(&setup.image, &format!("rm {ROOTFS_IPXE}\n"));
+        assert!(
+            !rootfs_has(&setup.image, ROOTFS_IPXE),
+            "debugfs did not remove {ROOTFS_IPXE}"
+        );
+    });
 }
 
 #[test]
 fn broken_image_without_config_fails_at_appliance_ready() {
-    if !fixture_only() {
-        return;
-    }
-    let run = RunDir::new();
-    let setup = prepare(run.path());
-    edit_rootfs(&setup.image, &format!("rm {ROOTFS_CONFIG}\n"));
-    assert!(
-        !rootfs_has(&setup.image, ROOTFS_CONFIG),
-        "debugfs did not remove {ROOTFS_CONFIG}"
-    );
-    broken(setup, run.path(), "appliance ready", "configs/minipc.yaml");
+    broken("appliance ready", "configs/minipc.yaml", |setup, _| {
+        edit_rootfs(&setup.image, &format!("rm {ROOTFS_CONFIG}\n"));
+        assert!(
+            !rootfs_has(&setup.image, ROOTFS_CONFIG),
+            "debugfs did not remove {ROOTFS_CONFIG}"
+        );
+    });
 }
 
 #[test]
 fn broken_image_with_a_wrong_config_fails_at_config_fetched() {
+    broken("config fetched", "not what sops decrypts", |setup, dir| {
+        // Same path, other bytes: what sops decrypts is no longer what the appliance serves.
+        let other = dir.join("other.yaml");
+        std::fs::write(&other, "machine:\n  type: worker\n").unwrap();
+        edit_rootfs(
+            &setup.image,
+            &format!(
+                "rm {ROOTFS_CONFIG}\ncd {}\nwrite {} {}\n",
+                parent(ROOTFS_CONFIG),
+                other.display(),
+                file_name(ROOTFS_CONFIG)
+            ),
+        );
+        assert!(rootfs_has(&setup.image, ROOTFS_CONFIG));
+    });
+}
+
+/// `IT_BOOTSTRAP_DISK` takes its expectations from the image (`inspect --json`, `debugfs`):
+/// they must be what the build was given and what sops decrypts, with no VM needed.
+#[test]
+fn bootstrap_disk_expectations_come_from_the_image() {
     if !fixture_only() {
         return;
     }
     let run = RunDir::new();
-    let setup = prepare(run.path());
-    // Same path, other bytes: what sops decrypts is no longer what the appliance serves.
-    let other = run.path().join("other.yaml");
-    std::fs::write(&other, "machine:\n  type: worker\n").unwrap();
-    edit_rootfs(
-        &setup.image,
-        &format!(
-            "rm {ROOTFS_CONFIG}\ncd {}\nwrite {} {}\n",
-            parent(ROOTFS_CONFIG),
-            other.display(),
-            file_name(ROOTFS_CONFIG)
-        ),
+    let built = prepare(run.path());
+    let read = external_image(built.image.clone());
+    assert_eq!(read.minipc_mac, built.minipc_mac);
+    assert_eq!(read.client_mac, built.minipc_mac);
+    assert_eq!(read.minipc_ip, built.minipc_ip);
+    assert_eq!(read.appliance_ip, built.appliance_ip);
+    assert_eq!(read.talos, built.talos);
+    assert_eq!(
+        read.config_sha, built.config_sha,
+        "the served config is not what sops decrypts"
     );
-    assert!(rootfs_has(&setup.image, ROOTFS_CONFIG));
-    broken(
-        setup,
-        run.path(),
-        "config fetched",
-        "not what sops decrypts",
-    );
+    assert_eq!(read.pxe_nic_mac.as_deref(), Some(PXE_NIC_MAC));
+    assert_eq!(read.uplink_mac.as_deref(), Some(UPLINK_MAC));
+    assert!(read.probe, "fixture.probe= is in the kernel arguments");
 }

@@ -184,7 +184,7 @@ pub fn prepare(dir: &Path) -> Setup {
 }
 
 /// `IT_BOOTSTRAP_DISK`: what the image's own config (read back by `inspect`) promises.
-fn external_image(image: PathBuf) -> Setup {
+pub fn external_image(image: PathBuf) -> Setup {
     assert!(
         real_talos_knobs().is_none(),
         "IT_BOOTSTRAP_DISK and the real-Talos knobs are not supported together"
