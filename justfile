@@ -3,7 +3,7 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 # Debian packages the tests and the demo use (real tools judge our images).
-apt_packages := "xorriso mtools dosfstools e2fsprogs gdisk qemu-system-x86 ovmf ipxe systemd-boot-efi squashfs-tools kmod zstd cpio dnsmasq-base nginx curl busybox atftp age nftables bind9-dnsutils iproute2"
+apt_packages := "binutils xorriso mtools dosfstools e2fsprogs gdisk qemu-system-x86 ovmf ipxe systemd-boot-efi squashfs-tools kmod zstd cpio dnsmasq-base nginx curl busybox atftp age nftables bind9-dnsutils iproute2"
 target := env_var_or_default("CARGO_TARGET_DIR", "target") / "x86_64-unknown-linux-gnu"
 fixtures := env_var_or_default("MKAPPLIANCE_FIXTURE_CACHE", justfile_directory() / ".fixtures")
 demo_dir := fixtures / "demo"

@@ -17,12 +17,14 @@ use crate::config::{self, ApplianceConfig, BootFiles, Ipv4Cidr, Mac, Network};
 use crate::disk::{esp, gpt, rootfs};
 use crate::initramfs::{self, modules};
 use crate::iso::{Iso, IsoEntry};
-use crate::layout::{self, ALIGN, SECTOR};
+use crate::layout;
 use crate::machineconfig;
 use crate::render::{self, Renderer};
 use crate::sops;
 use crate::tree::{Content, FileTree, DIR_MODE, FILE_MODE};
 use crate::util::{self, AtomicFile};
+
+mod image;
 
 pub const IMAGE_NAME: &str = "bootstrap-pxe.raw";
 /// Where distributions install iPXE for x86-64 UEFI, in the order we look.
@@ -35,11 +37,10 @@ pub const IPXE_SEARCH: &[&str] = &[
 const ISO_KERNEL: &str = "/boot/vmlinuz";
 const ISO_INITRAMFS: &str = "/boot/initramfs.xz";
 const ISO_BOOTLOADER: &str = "/EFI/BOOT/BOOTX64.EFI";
-/// Spare room in the ESP (kernel updates, firmware scratch).
-const ESP_HEADROOM: u64 = 4 << 20;
-/// Spare room in the rootfs for the appliance's state and logs.
-const ROOT_HEADROOM: u64 = 24 << 20;
-const ROOT_SPARE_INODES: u32 = 1024;
+/// Room held in the ESP for the modules in `appliance.img`, on top of `/init`'s own
+/// size (zstd only shrinks both). Talos builds most drivers in: the modules we take from
+/// Debian's cloud kernel, a worst case, are 2.8 MB.
+const MODULES_RESERVE: u64 = 4 << 20;
 /// Lease handed to the node, as the original appliance did (12 h).
 const LEASE_SECS: u32 = 12 * 3600;
 
@@ -269,10 +270,34 @@ fn bootloader_from_iso(iso: &Iso, iso_path: &Path) -> Result<Content> {
 
 /// Feed everything that determines the image into a hash, for GUIDs and serials.
 /// Paths are left out on purpose: the checkout location must not change the image.
-fn identity_hash(cfg_toml: &str, trees: &[&FileTree], iso_pvd: &[u8]) -> Result<[u8; 32]> {
+fn identity_hash(
+    cfg_toml: &str,
+    trees: &[&FileTree],
+    iso_pvd: &[u8],
+    init_files: &[PathBuf],
+    epoch: u32,
+) -> Result<[u8; 32]> {
     let mut h = Sha256::new();
     h.update(cfg_toml.as_bytes());
     h.update(iso_pvd);
+    h.update(epoch.to_le_bytes());
+    h.update(initramfs::DEFAULT_ZSTD_LEVEL.to_le_bytes());
+    for m in modules::APPLIANCE_MODULES {
+        h.update(m.as_bytes());
+        h.update(b"\n");
+    }
+    for p in init_files {
+        // The linker's build ID names a binary as well as its bytes, without reading
+        // 14 MB on the way to the first byte of the image.
+        if let Ok(Some(id)) = initramfs::elf::build_id(p) {
+            h.update(b"build-id");
+            h.update(&id);
+            continue;
+        }
+        let f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+        std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, f), &mut h)
+            .with_context(|| format!("hashing {}", p.display()))?;
+    }
     for tree in trees {
         for (path, entry) in tree.iter() {
             h.update(path.as_bytes());
@@ -303,12 +328,39 @@ fn derive(seed: &[u8; 32], what: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// `MKAPPLIANCE_TIMINGS=1` prints how long each step took (for benchmarking), one
+/// timer per thread.
+struct Timer {
+    prefix: &'static str,
+    last: Option<std::cell::RefCell<(Instant, String)>>,
+}
+
+impl Timer {
+    fn new(prefix: &'static str) -> Timer {
+        let last = std::env::var_os("MKAPPLIANCE_TIMINGS")
+            .map(|_| std::cell::RefCell::new((Instant::now(), String::new())));
+        Timer { prefix, last }
+    }
+    /// Print the time since the last lap, naming what it was spent on.
+    fn lap(&self, what: &str) {
+        if let Some(t) = &self.last {
+            let mut t = t.borrow_mut();
+            eprintln!(
+                "{}{:>7.1} ms  {what}",
+                self.prefix,
+                t.0.elapsed().as_secs_f64() * 1000.0
+            );
+            t.0 = Instant::now();
+        }
+    }
+}
+
 /// Progress on stderr: one spinner line per step (hidden with --quiet/--json or no TTY).
 struct Steps {
     bar: indicatif::ProgressBar,
     start: Instant,
-    /// `MKAPPLIANCE_TIMINGS=1` prints how long each step took (for benchmarking).
-    timings: Option<std::cell::RefCell<(Instant, String)>>,
+    timer: Timer,
+    current: std::cell::RefCell<String>,
 }
 
 impl Steps {
@@ -324,27 +376,20 @@ impl Steps {
             b.enable_steady_tick(std::time::Duration::from_millis(100));
             b
         };
-        let timings = std::env::var_os("MKAPPLIANCE_TIMINGS")
-            .map(|_| std::cell::RefCell::new((Instant::now(), "checking inputs".to_string())));
         Steps {
             bar,
             start: Instant::now(),
-            timings,
-        }
-    }
-    fn lap(&self, next: &str) {
-        if let Some(t) = &self.timings {
-            let mut t = t.borrow_mut();
-            eprintln!("{:>7.1} ms  {}", t.0.elapsed().as_secs_f64() * 1000.0, t.1);
-            *t = (Instant::now(), next.to_string());
+            timer: Timer::new(""),
+            current: std::cell::RefCell::new("checking inputs".into()),
         }
     }
     fn step(&self, msg: &str) {
-        self.lap(msg);
+        let prev = self.current.replace(msg.to_string());
+        self.timer.lap(&prev);
         self.bar.set_message(msg.to_string());
     }
     fn done(&self) {
-        self.lap("");
+        self.timer.lap(&self.current.borrow());
         self.bar.finish_and_clear();
     }
 }
@@ -422,28 +467,6 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         None => bootloader_from_iso(&iso, &inputs.iso)?,
     };
 
-    steps.step("picking kernel modules from the Talos initramfs");
-    let sqsh = initramfs::talos::extract_rootfs_sqsh(
-        initramfs::talos::decompress(talos_initramfs.open()?)
-            .context("reading the Talos initramfs")?,
-    )
-    .context("reading the Talos initramfs")?;
-    let mods = modules::select_modules(sqsh, modules::APPLIANCE_MODULES)
-        .context("selecting kernel modules from the Talos rootfs")?;
-
-    steps.step("building the appliance initramfs");
-    let mut appliance_img = Vec::new();
-    initramfs::write_appliance_initramfs(
-        &initramfs::InitramfsSpec {
-            init: &inputs.init,
-            modules: &mods,
-            mtime: epoch,
-            zstd_level: initramfs::DEFAULT_ZSTD_LEVEL,
-        },
-        &mut appliance_img,
-    )
-    .context("building the appliance initramfs")?;
-
     steps.step("rendering the appliance config");
     if talosconfig.is_some() {
         eprintln!(
@@ -470,7 +493,7 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     )?;
     root.add_file(
         &layout::http_initramfs(&cfg.talos_version),
-        talos_initramfs,
+        talos_initramfs.clone(),
         FILE_MODE,
     )?;
     root.add_dir(&format!("{}/configs", layout::HTTP_ROOT), 0o750)?;
@@ -511,11 +534,6 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     esp_tree.add_file(layout::ESP_BOOTLOADER, bootloader, FILE_MODE)?;
     esp_tree.add_file(layout::ESP_KERNEL, kernel, FILE_MODE)?;
     esp_tree.add_file(
-        layout::ESP_INITRAMFS,
-        Content::bytes(appliance_img),
-        FILE_MODE,
-    )?;
-    esp_tree.add_file(
         layout::ESP_LOADER_CONF,
         Content::bytes(renderer.render(render::LOADER_CONF, &cfg, "")?),
         FILE_MODE,
@@ -528,7 +546,16 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         f.read_exact(&mut pvd)
             .context("reading the ISO volume descriptor")?;
     }
-    let seed = identity_hash(&cfg_toml, &[&root, &esp_tree], &pvd)?;
+    // appliance.img does not exist yet: what it is made of stands in for it (the init
+    // and its libraries, the mtime, the module list; the modules come from the ISO).
+    let init_files: Vec<PathBuf> = std::iter::once(inputs.init.clone())
+        .chain(
+            initramfs::elf::runtime_files(&inputs.init).with_context(|| {
+                format!("finding the run-time files of {}", inputs.init.display())
+            })?,
+        )
+        .collect();
+    let seed = identity_hash(&cfg_toml, &[&root, &esp_tree], &pvd, &init_files, epoch)?;
     let disk_guid = gpt::Guid::from_hash(&derive(&seed, "disk"));
     let esp_guid = gpt::Guid::from_hash(&derive(&seed, "esp"));
     let root_guid = gpt::Guid::from_hash(&derive(&seed, "root"));
@@ -542,78 +569,65 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         FILE_MODE,
     )?;
 
-    // Lay out the disk: 1 MiB of GPT, the ESP, the rootfs, 1 MiB for the backup GPT.
-    let esp_size = util::round_up(esp::min_size(&esp_tree, ESP_HEADROOM), ALIGN);
-    let root_size = util::round_up(
-        rootfs::min_size(&root, ROOT_HEADROOM, ROOT_SPARE_INODES),
-        ALIGN,
-    );
-    let esp_off = ALIGN;
-    let root_off = esp_off + esp_size;
-    let total = root_off + root_size + ALIGN;
-    let table = gpt::Table {
+    let fat_seed = derive(&seed, "fat");
+    let parts = image::Parts {
+        root,
+        ext4: rootfs::Ext4Params {
+            uuid: gpt::Guid::from_hash(&derive(&seed, "ext4-uuid")).0,
+            hash_seed: gpt::Guid::from_hash(&derive(&seed, "ext4-hash-seed")).0,
+            timestamp: epoch,
+            label: layout::ROOT_LABEL.into(),
+        },
+        esp: esp_tree,
+        fat: esp::FatParams {
+            volume_id: u32::from_le_bytes([fat_seed[0], fat_seed[1], fat_seed[2], fat_seed[3]]),
+            label: layout::ESP_LABEL.into(),
+            timestamp: epoch as i64,
+        },
+        esp_reserve: init_files
+            .iter()
+            .map(|p| std::fs::metadata(p).map(|m| m.len()))
+            .sum::<std::io::Result<u64>>()
+            .context("reading the size of the init binary")?
+            + MODULES_RESERVE,
         disk_guid,
-        partitions: vec![
-            gpt::Partition {
-                number: 1,
-                type_guid: gpt::Guid::parse(layout::ESP_TYPE_GUID)?,
-                unique_guid: esp_guid,
-                first_lba: esp_off / SECTOR,
-                last_lba: (esp_off + esp_size) / SECTOR - 1,
-                name: layout::ESP_PART_NAME.into(),
-            },
-            gpt::Partition {
-                number: 2,
-                type_guid: gpt::Guid::parse(layout::ROOT_TYPE_GUID)?,
-                unique_guid: root_guid,
-                first_lba: root_off / SECTOR,
-                last_lba: (root_off + root_size) / SECTOR - 1,
-                name: layout::ROOT_PART_NAME.into(),
-            },
-        ],
+        esp_guid,
+        root_guid,
     };
 
-    steps.step("writing the GPT and the ESP");
+    steps.step("writing the image");
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("creating output directory {}", out_dir.display()))?;
     let dest = out_dir.join(IMAGE_NAME);
     let out = AtomicFile::create(&dest)?;
     let file = out.file();
-    file.set_len(total)
-        .with_context(|| format!("sizing {} to {total} bytes", dest.display()))?;
-    gpt::write(file, total, &table)?;
-    let fat_seed = derive(&seed, "fat");
-    esp::write(
-        file,
-        esp_off,
-        esp_size,
-        &esp_tree,
-        &esp::FatParams {
-            volume_id: u32::from_le_bytes([fat_seed[0], fat_seed[1], fat_seed[2], fat_seed[3]]),
-            label: layout::ESP_LABEL.into(),
-            timestamp: epoch as i64,
-        },
-    )
-    .context("writing the ESP")?;
-    steps.step("writing the rootfs");
-    let ext_uuid = derive(&seed, "ext4-uuid");
-    let ext_hash = derive(&seed, "ext4-hash-seed");
-    rootfs::write(
-        file,
-        root_off,
-        root_size,
-        &root,
-        &rootfs::Ext4Params {
-            uuid: gpt::Guid::from_hash(&ext_uuid).0,
-            hash_seed: gpt::Guid::from_hash(&ext_hash).0,
-            timestamp: epoch,
-            label: layout::ROOT_LABEL.into(),
-        },
-    )
-    .context("writing the rootfs")?;
-
-    steps.step("hashing the image");
-    let sha256 = hash_sparse(file, total)?;
+    let initramfs = || -> Result<(Vec<u8>, modules::ModuleSet)> {
+        let t = Timer::new("[initramfs thread] ");
+        let sqsh = initramfs::talos::extract_rootfs_sqsh(
+            initramfs::talos::decompress(talos_initramfs.open()?)
+                .context("reading the Talos initramfs")?,
+        )
+        .context("reading the Talos initramfs")?;
+        t.lap("spooling rootfs.sqsh");
+        let mods = modules::select_modules(sqsh, modules::APPLIANCE_MODULES)
+            .context("selecting kernel modules from the Talos rootfs")?;
+        t.lap("picking kernel modules");
+        let mut img = Vec::new();
+        initramfs::write_appliance_initramfs(
+            &initramfs::InitramfsSpec {
+                init: &inputs.init,
+                modules: &mods,
+                mtime: epoch,
+                zstd_level: initramfs::DEFAULT_ZSTD_LEVEL,
+            },
+            &mut img,
+        )
+        .context("building the appliance initramfs")?;
+        t.lap("building appliance.img");
+        Ok((img, mods))
+    };
+    let (written, mods) = image::write(file, &parts, initramfs, &|m| steps.step(m))?;
+    let (total, sha256) = (written.total, written.sha256);
     let allocated = {
         use std::os::unix::fs::MetadataExt;
         file.metadata()?.blocks() * 512
@@ -654,46 +668,6 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         print_summary(&summary, &cfg);
     }
     Ok(summary)
-}
-
-/// SHA-256 of the whole image, skipping the read of holes (they hash as zeros).
-fn hash_sparse(file: &std::fs::File, total: u64) -> Result<String> {
-    use std::os::unix::fs::FileExt;
-    use std::os::unix::io::AsRawFd;
-    const CHUNK: usize = 1 << 20;
-    let zeros = vec![0u8; CHUNK];
-    let mut buf = vec![0u8; CHUNK];
-    let mut h = Sha256::new();
-    let fd = file.as_raw_fd();
-    let mut pos = 0u64;
-    while pos < total {
-        // SAFETY: lseek on a valid fd; SEEK_DATA finds the next non-hole byte.
-        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
-        let data = if data < 0 { total } else { data as u64 };
-        while pos < data.min(total) {
-            let n = ((data - pos) as usize).min(CHUNK);
-            h.update(&zeros[..n]);
-            pos += n as u64;
-        }
-        if pos >= total {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
-        let hole = if hole < 0 {
-            total
-        } else {
-            (hole as u64).min(total)
-        };
-        while pos < hole {
-            let n = ((hole - pos) as usize).min(CHUNK);
-            file.read_exact_at(&mut buf[..n], pos)
-                .context("reading the image back to hash it")?;
-            h.update(&buf[..n]);
-            pos += n as u64;
-        }
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 fn print_summary(s: &Summary, cfg: &ApplianceConfig) {

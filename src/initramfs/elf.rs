@@ -17,6 +17,10 @@ const DYN_LEN: usize = 16;
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
 const PT_INTERP: u32 = 3;
+const PT_NOTE: u32 = 4;
+/// The linker's `--build-id` note: a digest of the linked output.
+const NT_GNU_BUILD_ID: u32 = 3;
+const NOTE_OWNER_GNU: &[u8] = b"GNU\0";
 const DT_NULL: u64 = 0;
 const DT_NEEDED: u64 = 1;
 const DT_STRTAB: u64 = 5;
@@ -37,6 +41,7 @@ struct ElfInfo {
     machine: u16,
     interp: Option<String>,
     needed: Vec<String>,
+    build_id: Option<Vec<u8>>,
 }
 
 struct Phdr {
@@ -151,11 +156,45 @@ fn parse_file(f: &mut File) -> Result<ElfInfo> {
             }
         }
     }
+    let mut build_id = None;
+    for note in phdrs.iter().filter(|p| p.p_type == PT_NOTE) {
+        let raw = read_at(f, note.offset, note.filesz).context("reading PT_NOTE")?;
+        if let Some(id) = find_build_id(&raw) {
+            build_id = Some(id.to_vec());
+            break;
+        }
+    }
     Ok(ElfInfo {
         machine,
         interp,
         needed,
+        build_id,
     })
+}
+
+/// The GNU build ID in a PT_NOTE segment's notes (each: name size, desc size, type,
+/// then name and desc, both padded to 4 bytes).
+fn find_build_id(notes: &[u8]) -> Option<&[u8]> {
+    let pad = |n: usize| n.div_ceil(4) * 4;
+    let mut at = 0;
+    while at + 12 <= notes.len() {
+        let namesz = u32le(notes, at) as usize;
+        let descsz = u32le(notes, at + 4) as usize;
+        let kind = u32le(notes, at + 8);
+        let name = notes.get(at + 12..at + 12 + namesz)?;
+        let desc_at = at + 12 + pad(namesz);
+        let desc = notes.get(desc_at..desc_at + descsz)?;
+        if kind == NT_GNU_BUILD_ID && name == NOTE_OWNER_GNU && !desc.is_empty() {
+            return Some(desc);
+        }
+        at = desc_at + pad(descsz);
+    }
+    None
+}
+
+/// The linker's GNU build ID of an ELF file, if it has one.
+pub fn build_id(path: impl AsRef<Path>) -> Result<Option<Vec<u8>>> {
+    Ok(parse(path.as_ref())?.build_id)
 }
 
 /// For a dynamically linked ELF64 executable: its interpreter and `DT_NEEDED` libraries.
@@ -236,5 +275,34 @@ mod tests {
         std::fs::write(&p, "#!/bin/sh\necho hi\n".repeat(10)).unwrap();
         let err = interpreter_and_needed(&p).err().unwrap();
         assert!(format!("{err:#}").contains("not an ELF file"), "{err:#}");
+    }
+
+    /// The build ID as binutils' readelf reads it, from this very test binary and from a
+    /// copy with the note removed by objcopy.
+    #[test]
+    fn build_id_matches_readelf() {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new("readelf")
+            .arg("-n")
+            .arg(&exe)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let want = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Build ID: "))
+            .expect("the linker wrote a build ID");
+        assert_eq!(hex::encode(build_id(&exe).unwrap().unwrap()), want);
+
+        let dir = tempfile::TempDir::new().unwrap();
+        let stripped = dir.path().join("no-build-id");
+        let status = std::process::Command::new("objcopy")
+            .arg("--remove-section=.note.gnu.build-id")
+            .arg(&exe)
+            .arg(&stripped)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(build_id(&stripped).unwrap(), None);
     }
 }
