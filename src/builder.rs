@@ -1,8 +1,9 @@
 //! `mkappliance build`: Talos ISO + machine config → appliance disk image.
 //!
-//! The pipeline is: check inputs → read the ISO → pick kernel modules → build our
-//! initramfs → render the config views → lay out both filesystem trees → write the GPT
-//! disk under a temporary name → hash → rename. Nothing is left behind on failure.
+//! The pipeline is: check inputs → read the ISO → render the config views → lay out both
+//! filesystem trees → write the GPT disk under a temporary name and hash it, while a second
+//! thread picks the kernel modules and builds our initramfs for the ESP (see `image`) →
+//! rename. Nothing is left behind on failure.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
