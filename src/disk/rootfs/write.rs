@@ -128,81 +128,8 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Copy a file-backed content into its extents inside the kernel (`copy_file_range`):
-/// one copy instead of read + write, which was half the time of writing the rootfs. Only
-/// into a fresh range, where the last block's padding already reads as zeros. `Ok(false)`
-/// before anything is copied: the kernel can't here (say, across filesystems), stream.
-fn copy_in_kernel(out: &Out<'_>, node: &Node<'_>, content: &Content) -> Result<bool> {
-    let (path, mut src_off) = match content {
-        Content::Path { path, .. } => (path, 0),
-        Content::Range { path, offset, .. } => (path, *offset),
-        Content::Bytes(_) => return Ok(false),
-    };
-    if !out.sparse {
-        return Ok(false);
-    }
-    let src = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    if matches!(content, Content::Path { .. }) {
-        let len = src.metadata().context("reading the source's size")?.len();
-        if len != node.size {
-            bail!(
-                "source has {len} bytes, not its recorded {} (changed while writing?)",
-                node.size
-            );
-        }
-    }
-    let mut remaining = node.size;
-    let mut first = true;
-    for e in &node.extents {
-        let mut dst = out.offset + e.start * BLOCK_SIZE;
-        let mut n = (u64::from(e.len) * BLOCK_SIZE).min(remaining);
-        while n > 0 {
-            let (mut so, mut d) = (src_off as libc::loff_t, dst as libc::loff_t);
-            // SAFETY: both descriptors are open for the call; the offsets are our own.
-            let r = unsafe {
-                libc::copy_file_range(
-                    src.as_raw_fd(),
-                    &mut so,
-                    out.file.as_raw_fd(),
-                    &mut d,
-                    n.min(CHUNK as u64 * 64) as usize,
-                    0,
-                )
-            };
-            if r < 0 {
-                let err = std::io::Error::last_os_error();
-                let unsupported = matches!(
-                    err.raw_os_error(),
-                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                );
-                if first && unsupported {
-                    return Ok(false);
-                }
-                return Err(err).with_context(|| format!("copying from {}", path.display()));
-            }
-            if r == 0 {
-                bail!(
-                    "source ended after {} of {} bytes (changed while writing?)",
-                    node.size - remaining,
-                    node.size
-                );
-            }
-            first = false;
-            let r = r as u64;
-            src_off += r;
-            dst += r;
-            n -= r;
-            remaining -= r;
-        }
-    }
-    Ok(true)
-}
-
 /// Stream a regular file's content into its extents, 1 MiB at a time.
 fn write_file(out: &Out<'_>, node: &Node<'_>, content: &Content, buf: &mut [u8]) -> Result<()> {
-    if copy_in_kernel(out, node, content)? {
-        return Ok(());
-    }
     let mut reader = content.open()?;
     let mut remaining = node.size;
     for e in &node.extents {
