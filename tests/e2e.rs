@@ -49,7 +49,8 @@ use image::{
     RealTalos, Setup,
 };
 
-use rig::{env_or, free_port, serve_probe, Failure, Fatal, Rig, RunDir, Side, Vm, VmSpec};
+use common::free_port;
+use rig::{env_or, serve_probe, Failure, Fatal, Rig, RunDir, Side, Vm, VmSpec};
 
 /// The appliance's own NICs, pinned at build time so QEMU's device order does not matter.
 const PXE_NIC_MAC: &str = "52:54:00:aa:00:01";

@@ -10,6 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use mkappliance::disk::rootfs::{self, Ext4Image, Ext4Params};
+
+mod common;
 use mkappliance::tree::{Content, FileTree, Kind};
 
 /// Filesystems start 1 MiB into their image, like a partition would.
@@ -25,20 +27,6 @@ fn params() -> Ext4Params {
         timestamp: TIMESTAMP,
         label: "appliance".into(),
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*), so contents are not all alike.
-fn pseudo(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A fresh sparse image holding a filesystem of `size` bytes at `OFFSET`, plus 1 MiB after.
@@ -185,7 +173,7 @@ fn sparse_source(path: &Path, len: u64, chunks: &[(u64, usize, u64)]) -> u64 {
     f.set_len(len).unwrap();
     let mut written = 0;
     for &(at, n, seed) in chunks {
-        f.write_all_at(&pseudo(seed, n), at).unwrap();
+        f.write_all_at(&common::noise(seed, n), at).unwrap();
         written += (n as u64).div_ceil(BLOCK) * BLOCK + BLOCK; // rounded, maybe straddling
     }
     written
@@ -207,7 +195,7 @@ fn many_shapes(src: &Path) -> (FileTree, u64) {
         add(
             &mut t,
             &format!("files/small-{len}"),
-            pseudo(10 + i as u64, len),
+            common::noise(10 + i as u64, len),
             0o644,
         );
     }
@@ -405,7 +393,7 @@ fn many_shapes_pass_e2fsck_and_read_back() {
     }
     let mut big = vec![0u8; BIG_LEN as usize];
     for &(at, n, seed) in &BIG_CHUNKS {
-        big[at as usize..at as usize + n].copy_from_slice(&pseudo(seed, n));
+        big[at as usize..at as usize + n].copy_from_slice(&common::noise(seed, n));
     }
     assert!(image.read("srv/http/big.bin").unwrap() == big);
 
@@ -444,8 +432,12 @@ fn small_tree() -> FileTree {
     let mut t = FileTree::new();
     t.add_file("etc/hello", Content::bytes("hello\n"), 0o644)
         .unwrap();
-    t.add_file("srv/data", Content::bytes(pseudo(42, 100_000)), 0o644)
-        .unwrap();
+    t.add_file(
+        "srv/data",
+        Content::bytes(common::noise(42, 100_000)),
+        0o644,
+    )
+    .unwrap();
     t
 }
 
@@ -495,7 +487,7 @@ fn min_size_is_tight_and_too_small_is_a_clear_error() {
     for i in 0..500 {
         tree.add_file(
             &format!("many/f{i}"),
-            Content::bytes(pseudo(i, 5000)),
+            Content::bytes(common::noise(i, 5000)),
             0o644,
         )
         .unwrap();
@@ -620,7 +612,7 @@ fn label_too_long_is_an_error() {
 fn timing_of_a_110_mb_write() {
     let tmp = tempfile::TempDir::new().unwrap();
     let src = tmp.path().join("payload.bin");
-    std::fs::write(&src, pseudo(99, 100_000_000)).unwrap();
+    std::fs::write(&src, common::noise(99, 100_000_000)).unwrap();
     let mut tree = FileTree::new();
     tree.add_file(
         "srv/http/talos/vmlinuz",
@@ -631,7 +623,7 @@ fn timing_of_a_110_mb_write() {
     for i in 0..1000 {
         tree.add_file(
             &format!("srv/small/{i}"),
-            Content::bytes(pseudo(i, 10_000)),
+            Content::bytes(common::noise(i, 10_000)),
             0o644,
         )
         .unwrap();

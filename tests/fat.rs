@@ -10,6 +10,9 @@ use std::process::Command;
 
 use mkappliance::disk::esp::{self, FatImage, FatParams, Slice};
 use mkappliance::tree::{Content, FileTree, Kind, FILE_MODE};
+
+mod common;
+use common::noise;
 use tempfile::TempDir;
 
 const MIB: u64 = 1024 * 1024;
@@ -25,19 +28,6 @@ fn params() -> FatParams {
         label: "efi".into(),
         timestamp: TIMESTAMP,
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
-        })
-        .collect()
 }
 
 fn add(tree: &mut FileTree, path: &str, data: Vec<u8>) {

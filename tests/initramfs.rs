@@ -13,6 +13,7 @@ use mkappliance::initramfs::{
     InitramfsSpec, Module, ModuleSet, APPLIANCE_MODULES,
 };
 
+mod common;
 #[path = "common/fixture.rs"]
 mod fixture;
 
@@ -44,19 +45,6 @@ fn run(cmd: &mut Command, stdin: &[u8]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 /// One line of `cpio -itvn`: (mode string, size or "maj,min", name, symlink target).
@@ -108,9 +96,9 @@ fn cpio_list(archive: &[u8]) -> Vec<Listed> {
 fn sample_files() -> Vec<(String, Vec<u8>)> {
     // Sizes around every padding case, plus one bigger than the reader's buffer.
     let mut v: Vec<(String, Vec<u8>)> = (0..9)
-        .map(|n| (format!("data/len{n}"), noise(n, n as u32 + 1)))
+        .map(|n| (format!("data/len{n}"), common::noise(n as u64 + 1, n)))
         .collect();
-    v.push(("data/sub/big".into(), noise(200_003, 99)));
+    v.push(("data/sub/big".into(), common::noise(99, 200_003)));
     v.push(("data/sub/a name with spaces".into(), b"spaces\n".to_vec()));
     v
 }
@@ -218,7 +206,7 @@ fn populate(dir: &Path, seed: u32) -> BTreeMap<String, Vec<u8>> {
     fs::create_dir_all(dir.join("a/b")).unwrap();
     for (i, n) in [0usize, 1, 2, 3, 5, 70_001].iter().enumerate() {
         let name = format!("a/b/f{seed}_{i}");
-        let data = noise(*n, seed + i as u32);
+        let data = common::noise(u64::from(seed) + i as u64, *n);
         fs::write(dir.join(&name), &data).unwrap();
         files.insert(name, data);
     }
@@ -291,7 +279,7 @@ fn decompress_handles_real_zstd_xz_and_plain() {
 fn extracts_rootfs_sqsh_from_a_talos_like_initramfs() {
     // Talos: a newc cpio made by the usual tools with /init and /rootfs.sqsh, then zstd.
     let dir = tempdir();
-    let sqsh = noise(3_000_001, 7);
+    let sqsh = common::noise(7, 3_000_001);
     fs::write(dir.path().join("init"), b"\x7fELF fake init").unwrap();
     fs::write(dir.path().join("rootfs.sqsh"), &sqsh).unwrap();
     let archive = gnu_archive(dir.path(), "newc");
@@ -436,7 +424,7 @@ fn select_modules_needs_exactly_one_kernel() {
         assert!(format!("{err:#}").contains(want), "{err:#}");
     }
     let not_sqsh = dir.path().join("garbage");
-    fs::write(&not_sqsh, noise(100_000, 3)).unwrap();
+    fs::write(&not_sqsh, common::noise(3, 100_000)).unwrap();
     assert!(select_modules(fs::File::open(&not_sqsh).unwrap(), &["x"]).is_err());
 }
 

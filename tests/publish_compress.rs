@@ -27,7 +27,7 @@ fn image_like(dir: &Path, name: &str) -> PathBuf {
         )
         .unwrap();
     }
-    f.write_all(&noise(3_000_000, 42)).unwrap();
+    f.write_all(&noise(42, 3_000_000)).unwrap();
     f.set_len(f.metadata().unwrap().len() + 5_000_000).unwrap(); // a hole
     use std::io::Seek;
     f.seek(std::io::SeekFrom::End(0)).unwrap();
@@ -189,7 +189,7 @@ fn compression_streams_in_bounded_memory() {
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(768 << 20).unwrap();
     use std::os::unix::fs::FileExt;
-    f.write_all_at(&noise(1 << 20, 3), 100 << 20).unwrap();
+    f.write_all_at(&noise(3, 1 << 20), 100 << 20).unwrap();
     let o = Command::new("/usr/bin/time")
         .args(["-f", "%M"])
         .arg(support::bin())

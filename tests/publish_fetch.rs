@@ -1,6 +1,7 @@
 //! `mkappliance fetch` against a small HTTP server on 127.0.0.1 serving a fixture "ISO"
 //! and a coreutils `sha512sum.txt` (written by the real `sha512sum`).
 
+mod common;
 #[path = "publish_support/mod.rs"]
 mod support;
 
@@ -14,7 +15,7 @@ const VER: &str = "v1.11.6";
 const ISO_LEN: usize = 3 * 1024 * 1024 + 12345;
 
 fn iso() -> Vec<u8> {
-    noise(ISO_LEN, 0x1505)
+    noise(0x1505, ISO_LEN)
 }
 
 /// A digest by the real coreutils tool, e.g. `sha512sum`.
@@ -256,8 +257,8 @@ fn image_factory_download_prints_the_digest_or_checks_a_pin() {
 #[test]
 fn fetch_ipxe_into_a_cache() {
     let tmp = tempfile::tempdir().unwrap();
-    let efi = noise(200_000, 7);
-    let kpxe = noise(70_000, 8);
+    let efi = noise(7, 200_000);
+    let kpxe = noise(8, 70_000);
     let mut routes = HashMap::new();
     routes.insert("/ipxe.efi".to_string(), Route::Body(efi.clone()));
     routes.insert("/undionly.kpxe".to_string(), Route::Body(kpxe.clone()));

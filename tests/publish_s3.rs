@@ -20,7 +20,7 @@ const MIB: usize = 1 << 20;
 fn artifacts(dir: &Path) -> Vec<(String, Vec<u8>)> {
     std::fs::create_dir_all(dir.join("extra")).unwrap();
     let files = vec![
-        ("bootstrap-pxe.raw".to_string(), noise(23 * MIB + 4321, 11)),
+        ("bootstrap-pxe.raw".to_string(), noise(11, 23 * MIB + 4321)),
         (
             "bootstrap-pxe.raw.sha256".to_string(),
             b"abc  bootstrap-pxe.raw\n".to_vec(),

@@ -13,21 +13,9 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
+use common::noise;
 use lab::{events, Pair, APPLIANCE_IP, CLIENT_IF, PINNED_MAC};
 use socket2::{Domain, Protocol, Socket, Type};
-
-/// xorshift noise: the same "random" packets on every run.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A DHCP header for the pinned MAC with `tail` as the option area.
 fn dhcp_with(tail: &[u8]) -> Vec<u8> {

@@ -20,16 +20,7 @@ const BIG: usize = 20_000_000;
 fn image_with_files(dir: &Path) -> (PathBuf, Vec<u8>) {
     let ov = dir.join("overlay/srv/tftp");
     std::fs::create_dir_all(&ov).unwrap();
-    // Deterministic noise (xorshift) so a failure can be reproduced.
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let big: Vec<u8> = (0..BIG)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let big = common::noise(0x9E37_79B9, BIG);
     std::fs::write(ov.join("big.bin"), &big).unwrap();
     std::fs::write(ov.join("text.txt"), b"line one\nline two\r\nend").unwrap();
     let overlay = dir.join("overlay");

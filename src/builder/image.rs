@@ -229,26 +229,18 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Pseudo-random bytes: zstd-like incompressible payload of a known size.
-    fn noise(len: usize, mut x: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     fn parts(esp_reserve: u64) -> Parts {
         let mut root = FileTree::new();
-        root.add_file("srv/http/big", Content::bytes(noise(3 << 20, 1)), FILE_MODE)
-            .unwrap();
+        root.add_file(
+            "srv/http/big",
+            Content::bytes(util::noise(1, 3 << 20)),
+            FILE_MODE,
+        )
+        .unwrap();
         let mut esp = FileTree::new();
         esp.add_file(
             layout::ESP_KERNEL,
-            Content::bytes(noise(1 << 20, 2)),
+            Content::bytes(util::noise(2, 1 << 20)),
             FILE_MODE,
         )
         .unwrap();
@@ -305,7 +297,7 @@ mod tests {
             .create_new(true)
             .open(&path)
             .unwrap();
-        let img = noise(img_len, 3);
+        let img = util::noise(3, img_len);
         let want_img = img.clone();
         let (written, extra) = write(&file, &parts(reserve), || Ok((img, 42u32)), &|_| {}).unwrap();
         drop(file);

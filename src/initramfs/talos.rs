@@ -173,15 +173,7 @@ mod tests {
     #[test]
     fn extracts_rootfs_and_reports_absence_and_damage() {
         // Pseudo-random bytes, so that damage to the compressed stream cannot go unnoticed.
-        let mut x = 0x2545_f491_u32;
-        let sqsh: Vec<u8> = (0..100_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect();
+        let sqsh = crate::util::noise(0x2545_f491, 100_000);
         let a = archive(&[("init", b"#!"), ("rootfs.sqsh", &sqsh)]);
         let mut f = extract_rootfs_sqsh(Cursor::new(zstd(&a))).unwrap();
         let mut got = Vec::new();

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests that drive the `mkappliance` binary.
 #![allow(dead_code)]
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
 use mkappliance::config::{ApplianceConfig, BootFiles, Network, CONFIG_SCHEMA};
@@ -161,4 +162,28 @@ pub fn sample_config() -> ApplianceConfig {
         serve_talosconfig: false,
         boot_once: true,
     }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64), incompressible: a fair payload, and the
+/// same on every run so a failure can be reproduced.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

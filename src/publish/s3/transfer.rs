@@ -26,6 +26,21 @@ pub(super) struct Target {
     pub key: String,
 }
 
+impl Target {
+    /// The object's size as HEAD reports it (`None`: the server did not say); the error
+    /// is described for a message.
+    pub async fn object_len(&self) -> Result<Option<u64>, String> {
+        self.client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .send()
+            .await
+            .map(|h| h.content_length().map(|n| n as u64))
+            .map_err(|e| describe(&e))
+    }
+}
+
 /// Run `job(0..n)`, at most `concurrency` at once, and return the results in order. The
 /// first failure cancels the jobs in flight (and waits for them to stop) before returning.
 pub(super) async fn bounded<T, F, Fut>(n: u64, concurrency: usize, job: F) -> Result<Vec<T>>
@@ -243,22 +258,14 @@ async fn complete(t: &Target, upload_id: &str, parts: Vec<CompletedPart>, size: 
             // CompleteMultipartUploadResponse): an S3 error inside a 200 would carry a code,
             // so this one succeeded. The object's size (and the verification that follows)
             // tell for sure.
-            let head = t
-                .client
-                .head_object()
-                .bucket(&t.bucket)
-                .key(&t.key)
-                .send()
-                .await
-                .map_err(|he| {
-                    anyhow!(
-                        "completing the multipart upload: {}; and the object is not there: {}",
-                        describe(&e),
-                        describe(&he)
-                    )
-                })?;
-            match head.content_length() {
-                Some(n) if n as u64 == size => Ok(()),
+            let len = t.object_len().await.map_err(|he| {
+                anyhow!(
+                    "completing the multipart upload: {}; and the object is not there: {he}",
+                    describe(&e)
+                )
+            })?;
+            match len {
+                Some(n) if n == size => Ok(()),
                 other => Err(anyhow!(
                     "completing the multipart upload: {}; the object has {other:?} bytes, not {size}",
                     describe(&e)

@@ -41,16 +41,12 @@ pub(super) async fn verify(
     concurrency: usize,
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
-    let head = t
-        .client
-        .head_object()
-        .bucket(&t.bucket)
-        .key(&t.key)
-        .send()
+    let len = t
+        .object_len()
         .await
-        .map_err(|e| anyhow!("reading the object's size: {}", describe(&e)))?;
-    match head.content_length() {
-        Some(n) if n as u64 == size => {}
+        .map_err(|e| anyhow!("reading the object's size: {e}"))?;
+    match len {
+        Some(n) if n == size => {}
         other => bail!(
             "the object has {} bytes but the file has {size}",
             other.map_or("an unknown number of".into(), |n| n.to_string())
