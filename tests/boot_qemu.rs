@@ -10,32 +10,18 @@ mod common;
 mod fixture;
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use common::qemu::{Vm, VmSpec};
 use common::*;
 
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// Under TCG the firmware alone takes ~4 s; a loaded CI machine may be several times slower.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
 const PXE_MAC: &str = "52:54:00:a0:00:02";
 const UPLINK_MAC: &str = "52:54:00:a0:00:03";
-
-struct Vm {
-    child: Child,
-    log: PathBuf,
-    monitor: PathBuf,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Ports of the appliance's services, forwarded from loopback to its uplink address
 /// (10.0.2.15) so the test can knock on them from the uplink side: (proto, guest port).
@@ -48,129 +34,42 @@ const SCAN: &[(&str, u16)] = &[
 ];
 
 /// A free loopback port for QEMU's hostfwd (bound and released right away).
-fn free_port(proto: &str) -> u16 {
+fn free_port_for(proto: &str) -> u16 {
     if proto == "tcp" {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    } else {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        return free_port();
     }
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Boot `image` with its PXE NIC on a link of its own and, when `uplink`, a second NIC on
 /// QEMU user networking (`restrict=on`: nothing leaves this machine) whose `hostfwd`s
 /// (`fwd`: proto, host port, guest port) reach the appliance's uplink address.
 fn boot(image: &Path, dir: &Path, uplink: bool, fwd: &[(&str, u16, u16)]) -> Vm {
-    let vars = dir.join("vars.fd");
-    std::fs::copy(OVMF_VARS, &vars).unwrap();
-    let log = dir.join("serial.log");
-    let monitor = dir.join("monitor.sock");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-accel",
-        "tcg",
-        "-machine",
-        "q35",
-        "-m",
-        "512",
-        "-display",
-        "none",
-        "-no-reboot",
-    ])
-    .arg("-serial")
-    .arg(format!("file:{}", log.display()))
-    .arg("-monitor")
-    .arg(format!("unix:{},server=on,wait=off", monitor.display()))
-    .arg("-drive")
-    .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
-    .arg("-drive")
-    .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-    .arg("-drive")
-    .arg(format!("file={},if=virtio,format=raw", image.display()))
-    .args(["-netdev", "hubport,id=pxe,hubid=0", "-device"])
-    .arg(format!("virtio-net-pci,netdev=pxe,mac={PXE_MAC},romfile="));
+    let mut args: Vec<String> = vec![
+        "-drive".into(),
+        format!("file={},if=virtio,format=raw", image.display()),
+        "-netdev".into(),
+        "hubport,id=pxe,hubid=0".into(),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=pxe,mac={PXE_MAC},romfile="),
+    ];
     if uplink {
         let mut netdev = "user,id=up,restrict=on".to_string();
         for (proto, host, guest) in fwd {
             netdev.push_str(&format!(",hostfwd={proto}:127.0.0.1:{host}-:{guest}"));
         }
-        cmd.args(["-netdev", &netdev, "-device"]).arg(format!(
-            "virtio-net-pci,netdev=up,mac={UPLINK_MAC},romfile="
-        ));
+        args.extend([
+            "-netdev".into(),
+            netdev,
+            "-device".into(),
+            format!("virtio-net-pci,netdev=up,mac={UPLINK_MAC},romfile="),
+        ]);
     }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting qemu-system-x86_64");
-    Vm {
-        child,
-        log,
-        monitor,
-    }
-}
-
-impl Vm {
-    fn console(&self) -> String {
-        std::fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).to_string())
-            .unwrap_or_default()
-    }
-
-    /// Wait until the serial log has a line containing `needle`; return that line.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let start = Instant::now();
-        loop {
-            let text = self.console();
-            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-                return line.to_string();
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                self.child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("QEMU exited ({status}) before {needle:?}: {err}\n{text}");
-            }
-            assert!(
-                start.elapsed() < BOOT_TIMEOUT,
-                "no {needle:?} after {BOOT_TIMEOUT:?}; serial console:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    fn monitor(&self, command: &str) {
-        let mut m = UnixStream::connect(&self.monitor).expect("QEMU monitor");
-        m.write_all(format!("{command}\n").as_bytes()).unwrap();
-        // Let QEMU read it before the connection closes.
-        std::thread::sleep(Duration::from_millis(500));
-    }
-
-    /// Press the ACPI power button and wait for QEMU to exit.
-    fn power_button(&mut self) {
-        self.monitor("system_powerdown");
-        let start = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "no power-off after the power button:\n{}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
+    Vm::start(dir, "appliance", VmSpec::new(args))
 }
 
 /// Whether something answers a probe sent to a forwarded port: an HTTP request over TCP
@@ -240,11 +139,11 @@ fn image_boots_gets_an_uplink_and_powers_off_cleanly() {
     let (_, _, _, root_guid) = sgdisk_partition(&image, 2);
     let fwd: Vec<(&str, u16, u16)> = SCAN
         .iter()
-        .map(|&(proto, guest)| (proto, free_port(proto), guest))
+        .map(|&(proto, guest)| (proto, free_port_for(proto), guest))
         .collect();
     let mut vm = boot(&image, tmp.path(), true, &fwd);
-    let ready = vm.wait_for("MKAPPLIANCE-READY");
-    let text = vm.console();
+    let ready = vm.wait_for("MKAPPLIANCE-READY", BOOT_TIMEOUT);
+    let text = vm.text();
     // systemd-boot passed our entry's options (the root GUID sgdisk reports) to the kernel.
     assert!(
         text.contains(&format!("mkappliance.root=PARTUUID={root_guid}")),
@@ -271,12 +170,12 @@ fn image_boots_gets_an_uplink_and_powers_off_cleanly() {
     );
     // QEMU's user network hands out 10.0.2.15 from its DHCP server at 10.0.2.2 (with
     // restrict=on it names no gateway: nothing is routed off this machine).
-    let lease = vm.wait_for("10.0.2.15/24");
+    let lease = vm.wait_for("10.0.2.15/24", BOOT_TIMEOUT);
     assert!(
         lease.starts_with("uplink: eth") && lease.contains("DHCP from 10.0.2.2"),
         "{lease}"
     );
-    let text = vm.console();
+    let text = vm.text();
     assert!(
         !text.contains("network:"),
         "the network came up with warnings:\n{text}"
@@ -291,11 +190,12 @@ fn image_boots_gets_an_uplink_and_powers_off_cleanly() {
         assert!(
             !answers(proto, host),
             "{proto}/{guest} answers on the uplink address:\n{}",
-            vm.console()
+            vm.text()
         );
     }
     vm.power_button();
-    let text = vm.console();
+    vm.wait_exit(POWEROFF_TIMEOUT);
+    let text = vm.text();
     assert!(text.contains("mkappliance: power off"), "{text}");
     assert!(!text.contains("Kernel panic"), "{text}");
     assert_eq!(rootfs_field(&image, "Filesystem state:"), "clean");
@@ -307,15 +207,15 @@ fn without_an_uplink_it_says_offline_and_still_serves() {
     let tmp = tempfile::tempdir().unwrap();
     let image = build_image(tmp.path());
     let mut vm = boot(&image, tmp.path(), false, &[]);
-    let ready = vm.wait_for("MKAPPLIANCE-READY");
+    let ready = vm.wait_for("MKAPPLIANCE-READY", BOOT_TIMEOUT);
     assert!(ready.contains("uplink=offline"), "{ready}");
     assert!(ready.contains("services=dhcp,tftp,http,dns"), "{ready}");
-    let text = vm.console();
+    let text = vm.text();
     assert!(text.contains("uplink: offline"), "{text}");
     assert!(!text.contains("MKAPPLIANCE-ERROR"), "{text}");
     // One key on the VGA console's keyboard re-arms boot-once (nothing armed yet here).
     vm.monitor("sendkey r");
-    vm.wait_for("boot-once: not armed yet");
+    vm.wait_for("boot-once: not armed yet", BOOT_TIMEOUT);
 }
 
 /// Control for the uplink knock: the probes do detect a service that answers.
@@ -339,5 +239,5 @@ fn the_uplink_knock_detects_listeners() {
     });
     assert!(answers("tcp", tcp_port));
     // And silence is silence.
-    assert!(!answers("udp", free_port("udp")));
+    assert!(!answers("udp", free_port_for("udp")));
 }

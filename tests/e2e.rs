@@ -150,7 +150,7 @@ fn client_spec(dir: &Path, name: &str, mac: &str, link: Link, api_port: Option<u
         memory_mib: 2048,
         cpus: 2,
         reboot: true,
-        args,
+        ..VmSpec::new(args)
     }
 }
 

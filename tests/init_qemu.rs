@@ -7,19 +7,20 @@
 //!
 //! The kernel is the fixture script's Debian cloud kernel (`tests/common/fixture.rs`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use tempfile::TempDir;
 
 mod common;
 #[path = "common/fixture.rs"]
 mod fixture;
+
+use common::qemu::{Boot, Vm, VmSpec};
 
 /// Debian's metapackage; its dependency is the versioned kernel package we extract.
 /// Modules a virtio-blk + ext4 root needs on that kernel (ext4 is built in there).
@@ -309,130 +310,25 @@ fn dumpe2fs_field(disk: &Path, offset: u64, field: &str) -> String {
         .unwrap_or_else(|| panic!("no {field} in dumpe2fs output:\n{out}"))
 }
 
-/// A running VM whose serial console is collected; killed when dropped.
-struct Vm {
-    child: Child,
-    console: Arc<Mutex<String>>,
-    monitor: PathBuf,
-}
-
-impl Vm {
-    fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, disk: &Path, append: &str) -> Vm {
-        let monitor = dir.join("monitor.sock");
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "512", "-nographic", "-no-reboot"])
-            .arg("-kernel")
-            .arg(kernel.vmlinuz())
-            .arg("-initrd")
-            .arg(initrd)
-            .arg("-append")
-            .arg(append)
-            .arg("-drive")
-            .arg(format!("file={},if=virtio,format=raw", disk.display()))
-            .arg("-monitor")
-            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
-            // The PXE NIC, on a hub of its own: nobody else on the link, no uplink.
-            .args([
-                "-netdev",
-                "hubport,id=pxe,hubid=0",
-                "-device",
-                "virtio-net-pci,netdev=pxe",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting qemu-system-x86_64");
-        let console = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let console = console.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).split(b'\n') {
-                    let Ok(line) = line else { break };
-                    let mut c = console.lock().unwrap();
-                    c.push_str(&String::from_utf8_lossy(&line));
-                    c.push('\n');
-                }
-            });
-        }
-        Vm {
-            child,
-            console,
-            monitor,
-        }
-    }
-
-    fn console(&self) -> String {
-        self.console.lock().unwrap().clone()
-    }
-
-    /// Wait for a console line containing `needle`; panics with the console on timeout.
-    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(l) = self.console().lines().find(|l| l.contains(needle)) {
-                return l.to_string();
-            }
-            let exited = self.child.try_wait().unwrap();
-            assert!(
-                exited.is_none() && Instant::now() < deadline,
-                "no console line with {needle:?} (qemu: {exited:?}); console:\n{}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Press Ctrl-Alt-Del on the VM's PS/2 keyboard.
-    fn ctrl_alt_del(&self) {
-        self.monitor_command("sendkey ctrl-alt-delete");
-    }
-
-    /// Press the VM's ACPI power button, as a hypervisor's "shut down" does.
-    fn power_button(&self) {
-        self.monitor_command("system_powerdown");
-    }
-
-    fn monitor_command(&self, command: &str) {
-        let mut mon = UnixStream::connect(&self.monitor).expect("connecting to the monitor");
-        mon.write_all(format!("{command}\n").as_bytes()).unwrap();
-        // Wait for the command's prompt echo so the key is sent before we hang up.
-        mon.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while String::from_utf8_lossy(&seen).matches("(qemu)").count() < 2 {
-            match mon.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-    }
-
-    /// Wait for QEMU to exit by itself (the guest powered off).
-    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "VM did not power off; console:\n{}",
-                self.console()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Boot `kernel` with `initrd` and `disk` (virtio), and a PXE NIC on a hub of its own:
+/// nobody else on the link, no uplink.
+fn boot(dir: &Path, kernel: &Kernel, initrd: &Path, disk: &Path, append: &str) -> Vm {
+    let spec = VmSpec {
+        boot: Boot::Kernel {
+            kernel: kernel.vmlinuz(),
+            initrd: initrd.to_path_buf(),
+            append: append.to_string(),
+        },
+        ..VmSpec::new(vec![
+            "-drive".into(),
+            format!("file={},if=virtio,format=raw", disk.display()),
+            "-netdev".into(),
+            "hubport,id=pxe,hubid=0".into(),
+            "-device".into(),
+            "virtio-net-pci,netdev=pxe".into(),
+        ])
+    };
+    Vm::start(dir, "vm", spec)
 }
 
 fn assert_no_panic(console: &str) {
@@ -450,8 +346,8 @@ fn boots_mounts_root_and_powers_off_cleanly() {
     // tty0 last: /dev/console is then the VGA console, so the serial port sees our lines
     // only because the init writes to ttyS0 itself.
     let append = format!("console=ttyS0 console=tty0 mkappliance.root=PARTUUID={ROOT_GUID}");
-    let mut vm = Vm::boot(dir.path(), kernel, &initrd, &disk, &append);
-    let ready = vm.wait_for_line(READY, READY_TIMEOUT);
+    let mut vm = boot(dir.path(), kernel, &initrd, &disk, &append);
+    let ready = vm.wait_for(READY, READY_TIMEOUT);
     eprintln!("{ready}");
     let facts: Vec<&str> = ready
         .split_once(READY)
@@ -477,7 +373,7 @@ fn boots_mounts_root_and_powers_off_cleanly() {
         uptime > 0 && uptime < READY_TIMEOUT.as_millis() as u64,
         "{ready}"
     );
-    let console = vm.console();
+    let console = vm.text();
     assert!(
         console.contains("appliance init (kernel"),
         "no banner:\n{console}"
@@ -492,7 +388,7 @@ fn boots_mounts_root_and_powers_off_cleanly() {
 
     vm.ctrl_alt_del();
     let status = vm.wait_exit(POWEROFF_TIMEOUT);
-    let console = vm.console();
+    let console = vm.text();
     assert!(status.success(), "qemu exited with {status}:\n{console}");
     assert!(console.contains("SIGINT: powering off"), "{console}");
     assert_no_panic(&console);
@@ -512,11 +408,11 @@ fn acpi_power_button_powers_off_cleanly() {
     let (initrd, _) = make_initramfs(dir.path(), kernel, &[]);
     let (disk, offset) = make_disk(dir.path());
     let append = format!("console=ttyS0 mkappliance.root=PARTUUID={ROOT_GUID}");
-    let mut vm = Vm::boot(dir.path(), kernel, &initrd, &disk, &append);
-    vm.wait_for_line(READY, READY_TIMEOUT);
+    let mut vm = boot(dir.path(), kernel, &initrd, &disk, &append);
+    vm.wait_for(READY, READY_TIMEOUT);
     vm.power_button();
     let status = vm.wait_exit(POWEROFF_TIMEOUT);
-    let console = vm.console();
+    let console = vm.text();
     assert!(status.success(), "qemu exited with {status}:\n{console}");
     assert!(console.contains("power button: powering off"), "{console}");
     assert_no_panic(&console);
@@ -533,14 +429,14 @@ fn unknown_root_guid_reports_error_and_stays_alive() {
     let (initrd, _) = make_initramfs(dir.path(), kernel, &["/lib/modules/no-such-module.ko"]);
     let (disk, offset) = make_disk(dir.path());
     let append = format!("console=ttyS0 mkappliance.root=PARTUUID={MISSING_GUID}");
-    let mut vm = Vm::boot(dir.path(), kernel, &initrd, &disk, &append);
-    let error = vm.wait_for_line(ERROR, READY_TIMEOUT);
+    let mut vm = boot(dir.path(), kernel, &initrd, &disk, &append);
+    let error = vm.wait_for(ERROR, READY_TIMEOUT);
     eprintln!("{error}");
     assert!(
         error.to_uppercase().contains(MISSING_GUID),
         "error does not name the GUID: {error}"
     );
-    let console = vm.console();
+    let console = vm.text();
     assert!(
         console.contains("/lib/modules/no-such-module.ko failed"),
         "{console}"
@@ -553,7 +449,7 @@ fn unknown_root_guid_reports_error_and_stays_alive() {
     std::thread::sleep(Duration::from_secs(2));
     vm.ctrl_alt_del();
     let status = vm.wait_exit(POWEROFF_TIMEOUT);
-    let console = vm.console();
+    let console = vm.text();
     assert!(status.success(), "qemu exited with {status}:\n{console}");
     assert!(console.contains("SIGINT: powering off"), "{console}");
     assert_no_panic(&console);

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests that drive the `mkappliance` binary.
 #![allow(dead_code)]
 
+pub mod qemu;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 

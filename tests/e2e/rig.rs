@@ -5,12 +5,11 @@ use std::fmt;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+pub use crate::common::qemu::{Vm, VmSpec};
+
 const TAIL_LINES: usize = 40;
 
 pub fn env_or(name: &str, default: &str) -> String {
@@ -65,80 +64,6 @@ fn answer(stream: TcpStream, body: &str, log: &Mutex<Vec<String>>) {
         "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-}
-
-/// How a VM is started, beyond the firmware and console every VM gets.
-pub struct VmSpec {
-    pub memory_mib: u32,
-    pub cpus: u32,
-    /// Without `-no-reboot` a guest reboot restarts the VM (a real Talos install reboots).
-    pub reboot: bool,
-    pub args: Vec<String>,
-}
-
-impl VmSpec {
-    pub fn new(args: Vec<String>) -> VmSpec {
-        VmSpec {
-            memory_mib: 512,
-            cpus: 1,
-            reboot: false,
-            args,
-        }
-    }
-}
-
-/// A QEMU VM whose serial console goes to a file; killed when dropped.
-pub struct Vm {
-    child: Child,
-    pub log: PathBuf,
-}
-
-impl Vm {
-    pub fn start(dir: &Path, name: &str, spec: VmSpec) -> Vm {
-        let vars = dir.join(format!("{name}-vars.fd"));
-        std::fs::copy(OVMF_VARS, &vars).unwrap();
-        let log = dir.join(format!("{name}.log"));
-        let display = if env_flag("IT_GUI") { "gtk" } else { "none" };
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-machine", "q35"])
-            .args(["-m", &spec.memory_mib.to_string()])
-            .args(["-smp", &spec.cpus.to_string()])
-            .args(["-display", display])
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"))
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,file={}", vars.display()))
-            .arg("-serial")
-            .arg(format!("file:{}", log.display()))
-            .args(&spec.args);
-        if !spec.reboot {
-            cmd.arg("-no-reboot");
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join(format!("{name}.qemu-stderr"))).unwrap())
-            .spawn()
-            .expect("starting qemu-system-x86_64");
-        Vm { child, log }
-    }
-
-    pub fn text(&self) -> String {
-        std::fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
-    }
-
-    pub fn exited(&mut self) -> bool {
-        self.child.try_wait().ok().flatten().is_some()
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Which console a stage is judged on.
