@@ -146,9 +146,14 @@ impl Window {
                 let n = (count - sent).min(self.gso_segments);
                 match send_iov(sock, &mut self.iov[2 * sent..2 * (sent + n)]) {
                     Ok(()) => sent += n,
-                    // EIO: the device cannot checksum (no GSO); EINVAL: the datagrams do
-                    // not fit the route's MTU unfragmented. sendmmsg does both.
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) => {
+                    // EIO: the device cannot checksum (no GSO); EMSGSIZE or EINVAL: the
+                    // datagrams do not fit the route's MTU unfragmented. sendmmsg does both.
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE)
+                        ) =>
+                    {
                         self.gso_segments = 0;
                         let _ = set_gso_size(sock, 0);
                         break;
