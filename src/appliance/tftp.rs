@@ -4,6 +4,7 @@
 
 pub mod packet;
 pub mod transfer;
+mod window;
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};

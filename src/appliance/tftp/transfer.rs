@@ -4,10 +4,10 @@
 
 use std::io;
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use super::packet::{self, Negotiated, Reply};
+use super::window::Window;
 use crate::appliance::served::ServedFile;
 
 /// Default retransmission timeout when the client did not negotiate one.
@@ -33,7 +33,7 @@ impl Source {
         self.len() == 0
     }
 
-    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+    pub(super) fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Source::File(f) => f.read_at(pos, buf),
             Source::Memory(v) => {
@@ -132,92 +132,6 @@ fn wait_for(
     }
 }
 
-/// Most bytes read ahead for one window; larger windows send block by block.
-const MAX_WINDOW_BYTES: u64 = 1 << 20;
-
-/// A window's worth of DATA packets, read with one `pread` and sent with one
-/// `sendmmsg`: on a fast link the per-packet system calls are what limits TFTP.
-struct Window {
-    blksize: u64,
-    headers: Vec<[u8; 4]>,
-    data: Vec<u8>,
-}
-
-impl Window {
-    fn new(window: u64, blksize: u64) -> Window {
-        let batch = if window * blksize <= MAX_WINDOW_BYTES {
-            window
-        } else {
-            1
-        };
-        Window {
-            blksize,
-            headers: vec![[0; 4]; batch as usize],
-            data: vec![0; (batch * blksize) as usize],
-        }
-    }
-
-    /// Send blocks `first..=hi`.
-    fn send(&mut self, sock: &UdpSocket, src: &Source, first: u64, hi: u64) -> io::Result<()> {
-        let batch = self.headers.len() as u64;
-        let mut block = first;
-        while block <= hi {
-            let count = (hi - block + 1).min(batch);
-            let want = (count * self.blksize) as usize;
-            let got = src.read_at((block - 1) * self.blksize, &mut self.data[..want])?;
-            let mut iov = Vec::with_capacity(2 * count as usize);
-            for i in 0..count {
-                let h = &mut self.headers[i as usize];
-                h[..2].copy_from_slice(&packet::DATA.to_be_bytes());
-                h[2..].copy_from_slice(&((block + i) as u16).to_be_bytes());
-                let start = (i * self.blksize) as usize;
-                let end = (start + self.blksize as usize).min(got).max(start);
-                iov.push(libc::iovec {
-                    iov_base: h.as_mut_ptr().cast(),
-                    iov_len: 4,
-                });
-                iov.push(libc::iovec {
-                    iov_base: self.data[start..].as_mut_ptr().cast(),
-                    iov_len: end - start,
-                });
-            }
-            send_all(sock, &mut iov)?;
-            block += count;
-        }
-        Ok(())
-    }
-}
-
-/// `sendmmsg` of (header, payload) iovec pairs, one datagram per pair, until all went.
-fn send_all(sock: &UdpSocket, iov: &mut [libc::iovec]) -> io::Result<()> {
-    // SAFETY: mmsghdr is plain old data; zero is a valid value (no address, no control).
-    let mut msgs: Vec<libc::mmsghdr> = iov
-        .chunks_mut(2)
-        .map(|pair| {
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = pair.as_mut_ptr();
-            m.msg_hdr.msg_iovlen = pair.len();
-            m
-        })
-        .collect();
-    let mut sent = 0;
-    while sent < msgs.len() {
-        let rest = &mut msgs[sent..];
-        // SAFETY: every mmsghdr points at iovecs over live buffers; the socket is connected.
-        let n =
-            unsafe { libc::sendmmsg(sock.as_raw_fd(), rest.as_mut_ptr(), rest.len() as u32, 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        sent += n as usize;
-    }
-    Ok(())
-}
-
 /// Send `src` to the connected client. Returns the bytes delivered (acknowledged).
 pub fn send(sock: &UdpSocket, src: &Source, opts: &Negotiated) -> Result<u64, Failure> {
     let blksize = u64::from(opts.blksize.unwrap_or(packet::DEFAULT_BLKSIZE));
@@ -248,12 +162,15 @@ pub fn send(sock: &UdpSocket, src: &Source, opts: &Negotiated) -> Result<u64, Fa
 
     // Blocks 1..=last; the last is short (possibly empty) and marks the end.
     let last = len / blksize + 1;
-    let mut win = Window::new(window, blksize);
+    let mut win = Window::new(sock, window, blksize, true);
     let mut acked = 0u64;
     let mut retries = 0;
     while acked < last {
         let hi = (acked + window).min(last);
         win.send(sock, src, acked + 1, hi)?;
+        // Read the next window while the client takes this one: if it acknowledges
+        // all of it, the next send needs no read (else `send` reads what it needs).
+        win.prefetch(src, hi + 1, (hi + window).min(last))?;
         match wait_ack(sock, acked, hi, timeout)? {
             Wait::Acked(b) => {
                 acked = b;
