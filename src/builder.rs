@@ -333,25 +333,19 @@ fn derive(seed: &[u8; 32], what: &str) -> [u8; 32] {
 /// timer per thread.
 struct Timer {
     prefix: &'static str,
-    last: Option<std::cell::RefCell<(Instant, String)>>,
+    last: Option<std::cell::Cell<Instant>>,
 }
 
 impl Timer {
     fn new(prefix: &'static str) -> Timer {
-        let last = std::env::var_os("MKAPPLIANCE_TIMINGS")
-            .map(|_| std::cell::RefCell::new((Instant::now(), String::new())));
+        let last = std::env::var_os("MKAPPLIANCE_TIMINGS").map(|_| Instant::now().into());
         Timer { prefix, last }
     }
     /// Print the time since the last lap, naming what it was spent on.
     fn lap(&self, what: &str) {
-        if let Some(t) = &self.last {
-            let mut t = t.borrow_mut();
-            eprintln!(
-                "{}{:>7.1} ms  {what}",
-                self.prefix,
-                t.0.elapsed().as_secs_f64() * 1000.0
-            );
-            t.0 = Instant::now();
+        if let Some(last) = &self.last {
+            let ms = last.replace(Instant::now()).elapsed().as_secs_f64() * 1000.0;
+            eprintln!("{}{ms:>7.1} ms  {what}", self.prefix);
         }
     }
 }
