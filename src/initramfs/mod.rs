@@ -23,11 +23,13 @@ pub use modules::{select_modules, Module, ModuleSet, APPLIANCE_MODULES};
 pub use talos::{decompress, extract_rootfs_sqsh};
 
 /// zstd level for `appliance.img`. Measured here with the 14 MB release static-pie
-/// (publishing grew it) + Debian's cloud kernel modules, 16.8 MB of cpio in all:
-///   level 1: 7.58 MB in 30 ms     level 3: 6.85 MB in 60 ms     (`zstd -1`/`-3`, one core)
-/// The build hashes the whole image at ~2 GB/s, so level 3's 0.7 MB saves 0.35 ms of
-/// hashing for 30 ms more compressing; the kernel decompresses either at the same speed.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+/// (publishing grew it) + Debian's cloud kernel modules, 16.8 MB of cpio in all, on the
+/// build's second thread (BENCHMARKS.md):
+///   level 1: 7.6 MB in 38 ms     level 2: 7.1 MB in 46 ms     level 3: 6.9 MB in 63 ms
+/// Up to level 2 the thread finishes before the main one has hashed the rootfs, so it
+/// costs the build nothing; level 3 made it wait ~18 ms. Under QEMU TCG the appliance was
+/// ready 0.3 s later with level 1's image than with level 2's or 3's.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 2;
 
 /// Directories every appliance initramfs has (mount points and where files go).
 const BASE_DIRS: &[&str] = &["dev", "proc", "sys", "run", "sysroot", "etc", "lib"];
