@@ -133,17 +133,12 @@ fn windows_resent_after_short_acks_timeouts_and_losses_carry_the_right_bytes() {
     pair.client.enter(move || {
         // Window of 8: every 7th window is acknowledged only up to its 3rd block (the
         // rest "lost"), the 50th not at all (the server resends it after 1 s).
-        let s = UdpSocket::bind("10.10.10.100:0").unwrap();
-        s.send_to(
-            &rrq(
-                "big.bin",
-                "octet",
-                &[("blksize", "1468"), ("windowsize", "8")],
-            ),
-            server(),
-        )
-        .unwrap();
-        let (p, tid) = next(&s, Duration::from_secs(2)).expect("OACK");
+        let (s, p, tid) = request(
+            "big.bin",
+            "octet",
+            &[("blksize", "1468"), ("windowsize", "8")],
+            "OACK",
+        );
         assert_eq!(&p[..2], &[0, 6]);
         s.send_to(&ack(0), tid).unwrap();
         let (mut got, mut acked, mut round) = (Vec::new(), 0u64, 0);
@@ -326,6 +321,20 @@ fn rrq(name: &str, mode: &str, opts: &[(&str, &str)]) -> Vec<u8> {
     b
 }
 
+/// Send a read request from a fresh client socket; return it with the server's first
+/// reply (OACK or DATA 1) and the transfer's TID, or panic naming `what`.
+fn request(
+    name: &str,
+    mode: &str,
+    opts: &[(&str, &str)],
+    what: &str,
+) -> (UdpSocket, Vec<u8>, SocketAddr) {
+    let s = UdpSocket::bind("10.10.10.100:0").unwrap();
+    s.send_to(&rrq(name, mode, opts), server()).unwrap();
+    let (p, tid) = next(&s, Duration::from_secs(2)).expect(what);
+    (s, p, tid)
+}
+
 fn ack(block: u16) -> [u8; 4] {
     let b = block.to_be_bytes();
     [0, 4, b[0], b[1]]
@@ -356,10 +365,8 @@ fn retransmits_on_timeout_goes_back_on_short_acks_and_rolls_over() {
     let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
     let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
     pair.client.enter(move || {
-        let s = UdpSocket::bind("10.10.10.100:0").unwrap();
         // Lock-step: DATA 1 unacknowledged comes again after the 1 s default timeout.
-        s.send_to(&rrq("big.bin", "octet", &[]), server()).unwrap();
-        let (p, tid) = next(&s, Duration::from_secs(2)).expect("DATA 1");
+        let (s, p, tid) = request("big.bin", "octet", &[], "DATA 1");
         assert_eq!(data_block(&p), 1);
         assert_eq!(p.len(), 4 + 512);
         let t = Instant::now();
@@ -382,13 +389,12 @@ fn retransmits_on_timeout_goes_back_on_short_acks_and_rolls_over() {
         s.send_to(&[0, 5, 0, 0, b'b', b'y', b'e', 0], tid).unwrap();
 
         // Window of 4: ACK 0 after the OACK, then ACK 2 of 1..=4 makes it go back to 3.
-        let s = UdpSocket::bind("10.10.10.100:0").unwrap();
-        s.send_to(
-            &rrq("big.bin", "octet", &[("windowsize", "4"), ("tsize", "0")]),
-            server(),
-        )
-        .unwrap();
-        let (p, tid) = next(&s, Duration::from_secs(2)).expect("OACK");
+        let (s, p, tid) = request(
+            "big.bin",
+            "octet",
+            &[("windowsize", "4"), ("tsize", "0")],
+            "OACK",
+        );
         assert_eq!(&p[..2], &[0, 6]);
         let text = String::from_utf8_lossy(&p[2..]).to_string();
         assert!(text.contains("windowsize\x004\x00"), "{text:?}");
@@ -404,29 +410,23 @@ fn retransmits_on_timeout_goes_back_on_short_acks_and_rolls_over() {
         s.send_to(&[0, 5, 0, 0, 0], tid).unwrap();
 
         // OVMF's size query: RRQ with tsize, then ERROR 8 (option refused) to the OACK.
-        let s = UdpSocket::bind("10.10.10.100:0").unwrap();
-        s.send_to(
-            &rrq("ipxe.efi", "octet", &[("tsize", "0"), ("blksize", "1468")]),
-            server(),
-        )
-        .unwrap();
-        let (p, tid) = next(&s, Duration::from_secs(2)).expect("OACK to the size query");
+        let (s, p, tid) = request(
+            "ipxe.efi",
+            "octet",
+            &[("tsize", "0"), ("blksize", "1468")],
+            "OACK to the size query",
+        );
         assert_eq!(&p[..2], &[0, 6]);
         s.send_to(&[0, 5, 0, 8, 0], tid).unwrap();
 
         // 8-byte blocks: 2.5 million blocks would take long, so fetch 600 KB worth of a
         // 20 MB file with a window of 64 past block 65535 and check the bytes.
-        let s = UdpSocket::bind("10.10.10.100:0").unwrap();
-        s.send_to(
-            &rrq(
-                "big.bin",
-                "octet",
-                &[("blksize", "8"), ("windowsize", "64")],
-            ),
-            server(),
-        )
-        .unwrap();
-        let (_, tid) = next(&s, Duration::from_secs(2)).expect("OACK");
+        let (s, _, tid) = request(
+            "big.bin",
+            "octet",
+            &[("blksize", "8"), ("windowsize", "64")],
+            "OACK",
+        );
         s.send_to(&ack(0), tid).unwrap();
         let mut got: Vec<u8> = Vec::new();
         let mut expect: u64 = 1;
@@ -450,10 +450,7 @@ fn retransmits_on_timeout_goes_back_on_short_acks_and_rolls_over() {
         assert_eq!(got.len(), 75_000 * 8);
 
         // netascii: LF becomes CR LF, CR becomes CR NUL.
-        let s = UdpSocket::bind("10.10.10.100:0").unwrap();
-        s.send_to(&rrq("text.txt", "netascii", &[]), server())
-            .unwrap();
-        let (p, tid) = next(&s, Duration::from_secs(2)).unwrap();
+        let (s, p, tid) = request("text.txt", "netascii", &[], "netascii DATA 1");
         assert_eq!(data_block(&p), 1);
         assert_eq!(&p[4..], b"line one\r\nline two\r\0\r\nend");
         s.send_to(&ack(1), tid).unwrap();
