@@ -55,6 +55,11 @@ fn curl_fetches_ipxe_and_a_20_mb_file_with_any_block_size() {
     let log = serve.output();
     let sent = events(&log, "tftp-sent");
     assert_eq!(sent.len(), 6, "{log}");
+    // One after the other, the six transfers ran on one thread, kept for the next.
+    assert_eq!(
+        serve.threads_named(mkappliance::appliance::tftp::TRANSFER_THREAD),
+        1
+    );
     // 8192 does not fit the 1500-byte link: clamped to 1500 - 32.
     assert_eq!(
         sent.iter().filter(|l| l.contains("blksize=1468")).count(),

@@ -152,6 +152,16 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The process's threads named `name` (`/proc/<pid>/task/*/comm`).
+    pub fn threads_named(&self, name: &str) -> usize {
+        let pid = self.child.as_ref().expect("running").id();
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("reading the process's threads")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == name)
+            .count()
+    }
+
     /// Wait until the output contains `needle`; panics with the output after `timeout`.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
         let end = Instant::now() + timeout;
