@@ -51,6 +51,7 @@ pub struct Written {
 }
 
 /// Where things go: 1 MiB for the GPT, the rootfs, the ESP, 1 MiB for the backup GPT.
+#[derive(Clone, Copy)]
 struct Geometry {
     root_size: u64,
     esp_off: u64,
@@ -123,16 +124,17 @@ pub fn write<T: Send>(
     geo.start(file, parts)?;
 
     std::thread::scope(|s| {
-        let worker = s.spawn(|| -> Result<(FileTree, bool, T)> {
+        // The ESP's tree comes back only when it did not fit and is not written yet.
+        let worker = s.spawn(|| -> Result<(Option<FileTree>, T)> {
             let (img, extra) = initramfs()?;
             let mut tree = parts.esp.clone();
             tree.add_file(layout::ESP_INITRAMFS, Content::bytes(img), FILE_MODE)?;
-            let fits = esp::min_size(&tree, ESP_HEADROOM) <= geo.esp_size;
-            if fits {
-                esp::write(file, geo.esp_off, geo.esp_size, &tree, &parts.fat)
-                    .context("writing the ESP")?;
+            if esp::min_size(&tree, ESP_HEADROOM) > geo.esp_size {
+                return Ok((Some(tree), extra));
             }
-            Ok((tree, fits, extra))
+            esp::write(file, geo.esp_off, geo.esp_size, &tree, &parts.fat)
+                .context("writing the ESP")?;
+            Ok((None, extra))
         });
 
         lap("writing the rootfs");
@@ -142,39 +144,30 @@ pub fn write<T: Send>(
         let mut h = Sha256::new();
         hash_region(file, &mut h, 0, geo.esp_off)?;
         lap("waiting for the ESP");
-        let (tree, fits, extra) = worker
+        let (unwritten, extra) = worker
             .join()
             .map_err(|_| anyhow::anyhow!("the appliance initramfs thread panicked"))??;
-        if fits {
-            lap("hashing the ESP");
-            hash_region(file, &mut h, geo.esp_off, geo.total)?;
-            let sha256 = hex::encode(h.finalize());
-            return Ok((
-                Written {
-                    total: geo.total,
-                    sha256,
-                },
-                extra,
-            ));
+        let (mut geo, mut hashed) = (geo, geo.esp_off);
+        if let Some(tree) = unwritten {
+            lap("resizing the ESP");
+            geo = Geometry::new(geo.root_size, esp_size(&tree, ESP_HEADROOM));
+            // Cut off the old ESP and backup GPT so the new ESP's range reads as zeros.
+            file.set_len(geo.esp_off)
+                .context("truncating the image to resize the ESP")?;
+            geo.start(file, parts)?;
+            esp::write(file, geo.esp_off, geo.esp_size, &tree, &parts.fat)
+                .context("writing the ESP")?;
+            // The primary GPT changed: start over.
+            h = Sha256::new();
+            hashed = 0;
         }
-
-        lap("resizing the ESP");
-        let geo = Geometry::new(geo.root_size, esp_size(&tree, ESP_HEADROOM));
-        // Cut off the old ESP and backup GPT so the new ESP's range reads as zeros.
-        file.set_len(geo.esp_off)
-            .context("truncating the image to resize the ESP")?;
-        geo.start(file, parts)?;
-        esp::write(file, geo.esp_off, geo.esp_size, &tree, &parts.fat)
-            .context("writing the ESP")?;
-        let mut h = Sha256::new();
-        hash_region(file, &mut h, 0, geo.total)?;
-        Ok((
-            Written {
-                total: geo.total,
-                sha256: hex::encode(h.finalize()),
-            },
-            extra,
-        ))
+        lap("hashing the ESP");
+        hash_region(file, &mut h, hashed, geo.total)?;
+        let written = Written {
+            total: geo.total,
+            sha256: hex::encode(h.finalize()),
+        };
+        Ok((written, extra))
     })
 }
 

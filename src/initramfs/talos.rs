@@ -33,8 +33,10 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// `io::copy` with a 1 MiB buffer: its 8 KiB one made spooling the ~70 MB squashfs cost
-/// ~8,000 write calls, most of the time of picking the modules.
+/// `io::copy` with a 1 MiB buffer filled before each write: its 8 KiB one made spooling the
+/// ~70 MB squashfs cost ~8,000 write calls, most of the time of picking the modules. (A
+/// `BufReader` in front of `io::copy` writes what one decoder read gives, 128 KiB: 36 ms
+/// against 30 for 64 MB.)
 fn copy_large(r: &mut impl Read, w: &mut impl Write) -> io::Result<u64> {
     let mut buf = vec![0u8; SPOOL_BUF];
     let mut total = 0;
