@@ -708,3 +708,44 @@ fn print_summary(s: &Summary, cfg: &ApplianceConfig) {
         p.print();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seed(init: &[PathBuf]) -> [u8; 32] {
+        identity_hash("cfg", &[&FileTree::new()], &[0; 2048], init, 1_700_000_000).unwrap()
+    }
+
+    /// An init with a GNU build ID is named by it; one without (objcopy removed the note)
+    /// by its bytes, so changing a byte changes the GUIDs.
+    #[test]
+    fn init_named_by_build_id_or_else_by_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let copy = dir.path().join("copy");
+        std::fs::copy(&exe, &copy).unwrap();
+        assert_eq!(
+            seed(std::slice::from_ref(&exe)),
+            seed(&[copy]),
+            "same build ID"
+        );
+
+        let bare = dir.path().join("bare");
+        let status = std::process::Command::new("objcopy")
+            .arg("--remove-section=.note.gnu.build-id")
+            .arg(&exe)
+            .arg(&bare)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(initramfs::elf::build_id(&bare).unwrap(), None);
+        let before = seed(std::slice::from_ref(&bare));
+        assert_ne!(before, seed(&[exe]));
+        let mut bytes = std::fs::read(&bare).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&bare, bytes).unwrap();
+        assert_ne!(before, seed(&[bare]), "a changed byte must change the seed");
+    }
+}
