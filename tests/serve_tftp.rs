@@ -28,13 +28,20 @@ fn image_with_files(dir: &Path) -> (PathBuf, Vec<u8>) {
     (image, big)
 }
 
-#[test]
-fn curl_fetches_ipxe_and_a_20_mb_file_with_any_block_size() {
+/// `serve` on that image, the client at 10.10.10.100 with the pinned MAC; `big.bin`'s
+/// bytes. Bound in this order, they are dropped server first, directory last.
+fn serving_files() -> (tempfile::TempDir, Vec<u8>, Pair, lab::Proc) {
     let dir = tempfile::tempdir().unwrap();
     let (image, big) = image_with_files(dir.path());
-    let ipxe = std::fs::read(IPXE).unwrap();
     let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
     let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
+    (dir, big, pair, serve)
+}
+
+#[test]
+fn curl_fetches_ipxe_and_a_20_mb_file_with_any_block_size() {
+    let (_dir, big, pair, serve) = serving_files();
+    let ipxe = std::fs::read(IPXE).unwrap();
     for blk in [None, Some("1468"), Some("8192")] {
         for (name, want) in [("ipxe.efi", &ipxe), ("big.bin", &big)] {
             let mut args = vec![];
@@ -71,10 +78,7 @@ fn curl_fetches_ipxe_and_a_20_mb_file_with_any_block_size() {
 
 #[test]
 fn atftp_with_windowsize_and_many_clients_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let (image, big) = image_with_files(dir.path());
-    let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
-    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
+    let (dir, big, pair, serve) = serving_files();
     let out = dir.path().join("atftp.bin");
     lab::run(
         pair.client
@@ -130,21 +134,16 @@ fn atftp_with_windowsize_and_many_clients_at_once() {
 /// sends after a short ACK, a timeout or a lost packet must still be the file's bytes.
 #[test]
 fn windows_resent_after_short_acks_timeouts_and_losses_carry_the_right_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (image, big) = image_with_files(dir.path());
-    let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
-    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
+    let (dir, big, pair, serve) = serving_files();
     let want = big.clone();
     pair.client.enter(move || {
         // Window of 8: every 7th window is acknowledged only up to its 3rd block (the
         // rest "lost"), the 50th not at all (the server resends it after 1 s).
-        let (s, p, tid) = request(
+        let (s, _, tid) = request_oack(
             "big.bin",
-            "octet",
             &[("blksize", "1468"), ("windowsize", "8")],
             "OACK",
         );
-        assert_eq!(&p[..2], &[0, 6]);
         s.send_to(&ack(0), tid).unwrap();
         let (mut got, mut acked, mut round) = (Vec::new(), 0u64, 0);
         let (mut short, mut silent) = (0, 0);
@@ -340,6 +339,13 @@ fn request(
     (s, p, tid)
 }
 
+/// [`request`] with options: the first reply must be an OACK; returns its option bytes.
+fn request_oack(name: &str, opts: &[(&str, &str)], what: &str) -> (UdpSocket, Vec<u8>, SocketAddr) {
+    let (s, p, tid) = request(name, "octet", opts, what);
+    assert_eq!(&p[..2], &[0, 6], "{what}: not an OACK: {p:?}");
+    (s, p[2..].to_vec(), tid)
+}
+
 fn ack(block: u16) -> [u8; 4] {
     let b = block.to_be_bytes();
     [0, 4, b[0], b[1]]
@@ -365,10 +371,7 @@ fn server() -> SocketAddr {
 
 #[test]
 fn retransmits_on_timeout_goes_back_on_short_acks_and_rolls_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let (image, big) = image_with_files(dir.path());
-    let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
-    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
+    let (_dir, big, pair, serve) = serving_files();
     pair.client.enter(move || {
         // Lock-step: DATA 1 unacknowledged comes again after the 1 s default timeout.
         let (s, p, tid) = request("big.bin", "octet", &[], "DATA 1");
@@ -394,14 +397,9 @@ fn retransmits_on_timeout_goes_back_on_short_acks_and_rolls_over() {
         s.send_to(&[0, 5, 0, 0, b'b', b'y', b'e', 0], tid).unwrap();
 
         // Window of 4: ACK 0 after the OACK, then ACK 2 of 1..=4 makes it go back to 3.
-        let (s, p, tid) = request(
-            "big.bin",
-            "octet",
-            &[("windowsize", "4"), ("tsize", "0")],
-            "OACK",
-        );
-        assert_eq!(&p[..2], &[0, 6]);
-        let text = String::from_utf8_lossy(&p[2..]).to_string();
+        let (s, opts, tid) =
+            request_oack("big.bin", &[("windowsize", "4"), ("tsize", "0")], "OACK");
+        let text = String::from_utf8_lossy(&opts).to_string();
         assert!(text.contains("windowsize\x004\x00"), "{text:?}");
         assert!(text.contains(&format!("tsize\x00{BIG}\x00")), "{text:?}");
         s.send_to(&ack(0), tid).unwrap();
@@ -415,23 +413,17 @@ fn retransmits_on_timeout_goes_back_on_short_acks_and_rolls_over() {
         s.send_to(&[0, 5, 0, 0, 0], tid).unwrap();
 
         // OVMF's size query: RRQ with tsize, then ERROR 8 (option refused) to the OACK.
-        let (s, p, tid) = request(
+        let (s, _, tid) = request_oack(
             "ipxe.efi",
-            "octet",
             &[("tsize", "0"), ("blksize", "1468")],
             "OACK to the size query",
         );
-        assert_eq!(&p[..2], &[0, 6]);
         s.send_to(&[0, 5, 0, 8, 0], tid).unwrap();
 
         // 8-byte blocks: 2.5 million blocks would take long, so fetch 600 KB worth of a
         // 20 MB file with a window of 64 past block 65535 and check the bytes.
-        let (s, _, tid) = request(
-            "big.bin",
-            "octet",
-            &[("blksize", "8"), ("windowsize", "64")],
-            "OACK",
-        );
+        let (s, _, tid) =
+            request_oack("big.bin", &[("blksize", "8"), ("windowsize", "64")], "OACK");
         s.send_to(&ack(0), tid).unwrap();
         let mut got: Vec<u8> = Vec::new();
         let mut expect: u64 = 1;

@@ -171,20 +171,25 @@ pub fn write<T: Send>(
     })
 }
 
+/// The next data (`SEEK_DATA`) or hole (`SEEK_HOLE`) at or after `pos`, capped at `end`
+/// (also where there is none).
+fn seek(file: &File, pos: u64, whence: libc::c_int, end: u64) -> u64 {
+    // SAFETY: lseek on a valid fd; this module reads with positioned I/O only.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, whence) };
+    if at < 0 {
+        end
+    } else {
+        (at as u64).min(end)
+    }
+}
+
 /// Feed `[start, end)` of `file` into `h`, reading only data (holes hash as zeros).
 pub fn hash_region(file: &File, h: &mut Sha256, start: u64, end: u64) -> Result<()> {
     let zeros = vec![0u8; HASH_CHUNK];
     let mut buf = vec![0u8; HASH_CHUNK];
-    let fd = file.as_raw_fd();
     let mut pos = start;
     while pos < end {
-        // SAFETY: lseek on a valid fd; SEEK_DATA finds the next non-hole byte.
-        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
-        let data = if data < 0 {
-            end
-        } else {
-            (data as u64).min(end)
-        };
+        let data = seek(file, pos, libc::SEEK_DATA, end);
         while pos < data {
             let n = ((data - pos) as usize).min(HASH_CHUNK);
             h.update(&zeros[..n]);
@@ -193,13 +198,7 @@ pub fn hash_region(file: &File, h: &mut Sha256, start: u64, end: u64) -> Result<
         if pos >= end {
             break;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_HOLE) };
-        let hole = if hole < 0 {
-            end
-        } else {
-            (hole as u64).min(end)
-        };
+        let hole = seek(file, pos, libc::SEEK_HOLE, end);
         while pos < hole {
             let n = ((hole - pos) as usize).min(HASH_CHUNK);
             file.read_exact_at(&mut buf[..n], pos)
