@@ -251,7 +251,8 @@ impl Workers {
         while let Some(worker) = lock(&self.idle).pop() {
             match worker.send(job) {
                 Ok(()) => return Ok(()),
-                // A thread that died: try the next.
+                // Cannot happen (an idle thread waits in recv, holding its receiver),
+                // but a job is never dropped: try the next, or a new thread.
                 Err(SendError(j)) => job = j,
             }
         }
