@@ -393,6 +393,31 @@ fn inspect_rejects_what_is_not_a_complete_appliance() {
         "{text}"
     );
 
+    // A copy cut short, even by its last sector (the backup GPT), is not an image:
+    // sgdisk says what size the disk should be.
+    let bytes = std::fs::read(&image).unwrap();
+    let sgdisk = run_stdout(Command::new("sgdisk").arg("-p").arg(&image));
+    let sectors: u64 = sgdisk
+        .lines()
+        .find_map(|l| l.strip_prefix("Disk "))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no disk size in {sgdisk}"))
+        .parse()
+        .unwrap();
+    assert_eq!(sectors * 512, bytes.len() as u64, "{sgdisk}");
+    for cut in [bytes.len() - 512, bytes.len() * 3 / 4] {
+        let short = tmp.path().join("short.raw");
+        std::fs::write(&short, &bytes[..cut]).unwrap();
+        let o = inspect(&short);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "a {cut}-byte copy passed: {stderr}");
+        assert!(
+            stderr.contains("short.raw") && stderr.contains("truncated"),
+            "{stderr}"
+        );
+    }
+
     // Remove a served file with the real debugfs: inspect must notice.
     let (root_off, ..) = sgdisk_partition(&image, 2);
     run_ok(
