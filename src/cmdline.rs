@@ -91,8 +91,10 @@ pub struct BuildArgs {
     #[arg(long)]
     pub skip_config_check: bool,
     /// iPXE for x86-64 UEFI clients [default: the first of /usr/lib/ipxe/ipxe.efi,
-    /// /usr/share/ipxe/ipxe.efi, /usr/share/ipxe/ipxe-x86_64.efi]. Use snponly.efi for NICs
-    /// iPXE has no driver for (it drives the NIC through the firmware's own UNDI/SNP)
+    /// /usr/share/ipxe/ipxe.efi, /usr/share/ipxe/ipxe-x86_64.efi,
+    /// /usr/share/ipxe/ipxe-snponly-x86_64.efi, then the `mkappliance fetch ipxe` cache].
+    /// Use snponly.efi for NICs iPXE has no driver for (it drives the NIC through the
+    /// firmware's own UNDI/SNP)
     #[arg(long, value_name = "PATH")]
     pub ipxe: Option<PathBuf>,
     /// iPXE for legacy BIOS clients (undionly.kpxe); BIOS clients are not served without it

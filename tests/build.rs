@@ -509,3 +509,21 @@ fn optional_boot_files_bootloader_and_a_dynamic_init_binary() {
         );
     }
 }
+
+/// `build --help` names every place the build looks for iPXE, in the order it looks.
+#[test]
+fn help_names_every_ipxe_default() {
+    let help = run_stdout(Command::new(bin()).args(["build", "--help"]));
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut at = 0;
+    for place in mkappliance::builder::IPXE_SEARCH
+        .iter()
+        .copied()
+        .chain(["`mkappliance fetch ipxe` cache"])
+    {
+        let found = help[at..]
+            .find(place)
+            .unwrap_or_else(|| panic!("{place} not in the --ipxe help (in order): {help}"));
+        at += found + place.len();
+    }
+}

@@ -51,6 +51,8 @@ fn missing_iso_says_where_to_get_it() {
         e.contains("releases/download/v1.11.6/metal-amd64.iso"),
         "{e}"
     );
+    // The command that puts it exactly there.
+    assert!(e.contains("`mkappliance fetch talos v1.11.6`"), "{e}");
 }
 
 #[test]
@@ -91,6 +93,36 @@ fn corrupt_and_truncated_isos() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let e = fails(build_with(&cut, &out, &[]), &out);
     assert!(e.contains("truncated"), "{e}");
+
+    // Intact structure, corrupt file data: zero 1 MiB in the middle of the Talos
+    // initramfs, located by xorriso. The error names the file and the ISO it is in.
+    let report = run_stdout(Command::new("xorriso").arg("-indev").arg(&iso).args([
+        "-find",
+        "/boot/initramfs.xz",
+        "-exec",
+        "report_lba",
+        "--",
+    ]));
+    let fields: Vec<u64> = report
+        .lines()
+        .find(|l| l.starts_with("File data lba:"))
+        .unwrap_or_else(|| panic!("no extent in {report}"))
+        .trim_start_matches("File data lba:")
+        .split(',')
+        .take(4)
+        .map(|f| f.trim().parse().unwrap())
+        .collect();
+    let (start, size) = (fields[1] * 2048, fields[3]);
+    let mut bytes = bytes;
+    let mid = (start + size / 2) as usize;
+    bytes[mid..mid + (1 << 20)].fill(0);
+    let corrupt = tmp.path().join("corrupt.iso");
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let e = fails(build_with(&corrupt, &out, &[]), &out);
+    assert!(
+        e.contains("/boot/initramfs.xz") && e.contains("corrupt.iso"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -147,10 +179,91 @@ fn malformed_mac_and_addresses() {
             vec!["--internal-mac", "zz:11:22:33:44:55"],
             "invalid --internal-mac",
         ),
+        // The node's own MAC given for an appliance NIC: two machines mixed up.
+        (
+            vec!["--internal-mac", MAC],
+            "--internal-mac 00:11:22:33:44:55 is the node's MAC",
+        ),
+        (
+            vec!["--uplink-mac", MAC],
+            "--uplink-mac 00:11:22:33:44:55 is the node's MAC",
+        ),
+        // A line break would end boot.ipxe's kernel line and run the rest as iPXE commands.
+        (
+            vec!["--extra-kernel-args", "console=ttyS0\nshell"],
+            "control character '\\n'",
+        ),
     ] {
         let e = fails(build_with(&iso, &out, &args), &out);
         assert!(e.contains(needle), "{args:?}: {e}");
     }
+}
+
+#[test]
+fn missing_optional_files_name_their_flag() {
+    let (tmp, iso, out) = setup();
+    let missing = tmp.path().join("missing.bin");
+    let m = missing.to_str().unwrap();
+    for flag in ["--ipxe-bios", "--ipxe-arm64", "--bootloader"] {
+        let e = fails(build_with(&iso, &out, &[flag, m]), &out);
+        assert!(
+            e.contains(&format!("{flag} not found at {m}")),
+            "{flag}: {e}"
+        );
+    }
+}
+
+/// `build --upload` with no bucket (or a bad recipient) fails before building: nothing
+/// is written, and the mistake costs no build time.
+#[test]
+fn upload_options_are_checked_before_the_build() {
+    let (_tmp, iso, out) = setup();
+    let mut cmd = build_with(&iso, &out, &["--upload"]);
+    cmd.env_remove("IDRIVE_BUCKET");
+    let e = fails(cmd, &out);
+    assert!(
+        e.contains("no bucket") && e.contains("IDRIVE_BUCKET"),
+        "{e}"
+    );
+
+    let mut cmd = build_with(
+        &iso,
+        &out,
+        &[
+            "--upload",
+            "--bucket",
+            "b",
+            "--encrypt-to",
+            "not-a-recipient",
+        ],
+    );
+    cmd.env_remove("IDRIVE_BUCKET");
+    let e = fails(cmd, &out);
+    assert!(e.contains("not-a-recipient"), "{e}");
+}
+
+/// stdout that cannot be written (a full disk: /dev/full) fails naming what was written.
+#[test]
+fn decrypt_to_a_full_stdout() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = Command::new(bin())
+        .arg("decrypt")
+        .arg(example_config())
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("controlplane.yaml to stdout")
+            && errors[0].contains("No space left on device"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -205,6 +318,12 @@ fn full_and_read_only_output_directories() {
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(
         lines[0].starts_with("error: ") && lines[0].contains("No space left on device"),
+        "{stderr}"
+    );
+    // Where: the image being written.
+    let image = out.join("bootstrap-pxe.raw");
+    assert!(
+        lines[0].contains(&format!("writing {}", image.display())),
         "{stderr}"
     );
 
