@@ -393,3 +393,117 @@ fn ctrl_c_leaves_nothing_behind() {
         "never managed to interrupt a build mid-write"
     );
 }
+
+/// A network namespace with a veth pair (`pxe0`, `pxe1`), deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        let ns = Netns(format!("mkaerr{}", std::process::id()));
+        run_ok(Command::new("ip").args(["netns", "add", &ns.0]));
+        ns.ip(&[
+            "link", "add", "pxe0", "type", "veth", "peer", "name", "pxe1",
+        ]);
+        ns.ip(&["link", "set", "pxe0", "up"]);
+        ns
+    }
+    fn ip(&self, args: &[&str]) -> String {
+        run_stdout(Command::new("ip").arg("-n").arg(&self.0).args(args))
+    }
+    fn addresses(&self) -> String {
+        self.ip(&["-4", "-o", "addr", "show", "dev", "pxe0"])
+    }
+    fn serve(&self, image: &Path, state: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0])
+            .arg(bin())
+            .args(["serve", "--interface", "pxe0", "--image"])
+            .arg(image)
+            .arg("--state-dir")
+            .arg(state);
+        c
+    }
+    /// Start serve, wait for its ready event, Ctrl-C it; its exit status.
+    fn serve_until_ready(&self, image: &Path, state: &Path) -> std::process::ExitStatus {
+        use std::io::BufRead;
+        let mut child = self
+            .serve(image, state)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains(" ready ") => break,
+                Ok(_) => {}
+                Err(e) => panic!("serve never got ready: {e}"),
+            }
+        }
+        assert!(self.addresses().contains("10.10.10.2/24"));
+        // SAFETY: plain kill(2) of our own child (`ip netns exec` execs serve).
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// `serve` gives the interface the appliance address only while it runs: a serve that
+/// cannot start (port 80 taken) and one stopped with Ctrl-C both leave the interface as
+/// they found it, and an address that was there before stays. Needs root (a network
+/// namespace), like the serve tests.
+#[test]
+fn serve_leaves_the_interface_as_it_found_it() {
+    let (tmp, iso, out) = setup();
+    run_ok(&mut build_cmd(&iso, &out, &[]));
+    let image = out.join("bootstrap-pxe.raw");
+    let state = tmp.path().join("state");
+    let ns = Netns::new();
+
+    // Port 80 taken in the namespace: serve fails after adding the address.
+    let path = format!("/var/run/netns/{}", ns.0);
+    let holder = std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this thread only, with a valid netns fd.
+        assert_eq!(
+            unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        std::net::TcpListener::bind("0.0.0.0:80").unwrap()
+    })
+    .join()
+    .unwrap();
+    let o = ns.serve(&image, &state).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("address-added"), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("10.10.10.2:80"), "{stderr}");
+    let left = ns.addresses();
+    assert!(!left.contains("10.10.10.2"), "a failed serve left {left}");
+    drop(holder);
+
+    // Served, then Ctrl-C.
+    assert!(ns.serve_until_ready(&image, &state).success());
+    let left = ns.addresses();
+    assert!(!left.contains("10.10.10.2"), "a stopped serve left {left}");
+
+    // The address was the host's own: it stays.
+    ns.ip(&["addr", "add", "10.10.10.2/24", "dev", "pxe0"]);
+    assert!(ns.serve_until_ready(&image, &state).success());
+    assert!(ns.addresses().contains("10.10.10.2/24"));
+}

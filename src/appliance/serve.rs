@@ -13,7 +13,7 @@ use crate::appliance::bootonce::{self, BootOnce};
 use crate::appliance::dhcp::DhcpServer;
 use crate::appliance::events::{Event, EventLog};
 use crate::appliance::http::{HttpServer, Site};
-use crate::appliance::netif::Iface;
+use crate::appliance::netif::{AddedAddress, Iface};
 use crate::appliance::ra::Advertiser;
 use crate::appliance::served::ServedTree;
 use crate::appliance::tftp::TftpServer;
@@ -50,6 +50,8 @@ pub struct Handles {
     pub address: Ipv4Addr,
     /// The node's boot-once state, shared with the HTTP server (the console re-arms it).
     pub boot_once: Arc<BootOnce>,
+    /// The address `serve` added to the interface, removed when the services stop.
+    added: Option<AddedAddress>,
 }
 
 impl Handles {
@@ -60,6 +62,7 @@ impl Handles {
         for t in self.threads {
             let _ = t.join();
         }
+        drop(self.added);
     }
 
     /// Block until the services stop (they stop only through [`Handles::stop`]).
@@ -83,11 +86,14 @@ pub fn start(tree: Arc<ServedTree>, opts: &ServeOptions, events: &EventLog) -> R
     let cfg = tree.config().clone();
     let appliance = cfg.network.appliance;
     let iface = Iface::lookup(&opts.interface)?;
+    // Held until the services stop; an error below drops it, taking the address away.
+    let mut added = None;
     if opts.configure_interface {
         if iface.ensure_up()? {
             events.emit(Event::new("link-up").field("interface", iface.name.clone()));
         }
-        if iface.ensure_address(appliance)? {
+        added = iface.ensure_address(appliance)?;
+        if added.is_some() {
             events.emit(
                 Event::new("address-added")
                     .ip(appliance.addr)
@@ -186,6 +192,7 @@ pub fn start(tree: Arc<ServedTree>, opts: &ServeOptions, events: &EventLog) -> R
         iface,
         address: appliance.addr,
         boot_once,
+        added,
     })
 }
 
