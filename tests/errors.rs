@@ -399,7 +399,9 @@ struct Netns(String);
 
 impl Netns {
     fn new() -> Netns {
-        let ns = Netns(format!("mkaerr{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let ns = Netns(format!("mkaerr{}x{n}", std::process::id()));
         run_ok(Command::new("ip").args(["netns", "add", &ns.0]));
         ns.ip(&[
             "link", "add", "pxe0", "type", "veth", "peer", "name", "pxe1",
@@ -506,4 +508,48 @@ fn serve_leaves_the_interface_as_it_found_it() {
     ns.ip(&["addr", "add", "10.10.10.2/24", "dev", "pxe0"]);
     assert!(ns.serve_until_ready(&image, &state).success());
     assert!(ns.addresses().contains("10.10.10.2/24"));
+}
+
+/// `serve` as another user than root fails on the first privileged step, saying that it
+/// needs root and which step and interface it was. Needs root to set the test up.
+#[test]
+fn serve_as_another_user_says_it_needs_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let (tmp, iso, out) = setup();
+    run_ok(&mut build_cmd(&iso, &out, &[]));
+    // Readable by nobody: the failure must be the network, not the image.
+    for (p, mode) in [
+        (tmp.path().to_path_buf(), 0o755),
+        (out.clone(), 0o755),
+        (out.join("bootstrap-pxe.raw"), 0o644),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let ns = Netns::new();
+    // pxe1 is down (serve would set it up), pxe0 up (serve would add the address).
+    for (iface, step) in [
+        ("pxe1", "setting pxe1 up"),
+        ("pxe0", "adding 10.10.10.2/24 to pxe0"),
+    ] {
+        let o = Command::new("ip")
+            .args([
+                "netns", "exec", &ns.0, "setpriv", "--reuid", "65534", "--regid", "65534",
+            ])
+            .args(["--clear-groups"])
+            .arg(bin())
+            .args(["serve", "--interface", iface, "--image"])
+            .arg(out.join("bootstrap-pxe.raw"))
+            .arg("--state-dir")
+            .arg(tmp.path().join("state"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(
+            lines[0].starts_with("error: serve needs root") && lines[0].contains(step),
+            "{stderr}"
+        );
+    }
 }

@@ -70,7 +70,8 @@ impl Iface {
         if link.flags & IFF_UP != 0 {
             return Ok(false);
         }
-        rtnl.set_up(self.index)?;
+        rtnl.set_up(self.index)
+            .with_context(|| format!("setting {} up", self.name))?;
         Ok(true)
     }
 

@@ -28,6 +28,9 @@ const MAX_CONFIG: u64 = 16 << 20;
 /// Upstream DNS servers for `serve --uplink`.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 const DNS_PORT: u16 = 53;
+/// What a permission error as another user means.
+const NEEDS_ROOT: &str = "serve needs root (or CAP_NET_ADMIN, CAP_NET_RAW and \
+    CAP_NET_BIND_SERVICE) to configure the interface and bind ports 67, 69 and 80";
 /// Under `$XDG_STATE_HOME` (or `~/.local/state`) when serving an image.
 const STATE_SUBDIR: &str = "mkappliance";
 
@@ -250,7 +253,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         rearm: args.rearm,
     };
     let pxe_subnet = tree.config().network.appliance;
-    let handles = start(Arc::new(tree), &opts, &events)?;
+    let handles = start(Arc::new(tree), &opts, &events).map_err(needs_root_hint)?;
     // Dropped at the end of `run`: the NAT table goes and forwarding is restored.
     let _uplink = match &args.uplink {
         Some(ifname) => Some(start_uplink(ifname, pxe_subnet, &events)?),
@@ -269,6 +272,22 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     events.emit(Event::new("stopping").field("signal", sig));
     handles.stop();
     Ok(())
+}
+
+/// A permission error as a user other than root is the missing root, not the thing that
+/// failed: say so first.
+fn needs_root_hint(e: anyhow::Error) -> anyhow::Error {
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let denied = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+    });
+    if denied && !root {
+        e.context(NEEDS_ROOT)
+    } else {
+        e
+    }
 }
 
 /// `serve --uplink`: NAT out of `ifname` and a DNS forwarder on the appliance address.
