@@ -65,7 +65,9 @@ fn check_image(path: &std::path::Path) -> Result<Report> {
     let table = gpt::read(&file).context("not a GPT disk")?;
     // A copy cut short still has its partition table at the front; the disk ends with
     // the backup header, so the file must reach that far.
-    let file_len = file.metadata()?.len();
+    // By seeking, not metadata: a block device (the image written to a USB stick) has
+    // a metadata length of 0.
+    let file_len = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))?;
     let disk_len = gpt::read_header(&file)?
         .alternate_lba
         .saturating_add(1)
