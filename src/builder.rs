@@ -170,8 +170,10 @@ fn resolve_inputs(args: &BuildArgs) -> Result<Inputs> {
         &iso,
         "Talos ISO",
         &format!(
-            "download https://github.com/siderolabs/talos/releases/download/{}/metal-amd64.iso there, or pass --iso PATH",
-            args.talos_version
+            "run `mkappliance fetch talos {v}` (or download \
+             https://github.com/siderolabs/talos/releases/download/{v}/metal-amd64.iso there), \
+             or pass --iso PATH",
+            v = args.talos_version
         ),
     )?;
     require_file(
@@ -205,11 +207,14 @@ fn resolve_inputs(args: &BuildArgs) -> Result<Inputs> {
         }
     };
     require_file(&ipxe, "iPXE binary", "pass --ipxe PATH")?;
-    for p in [&args.ipxe_bios, &args.ipxe_arm64, &args.bootloader]
-        .into_iter()
-        .flatten()
-    {
-        require_file(p, "boot file", "check the path")?;
+    for (flag, path) in [
+        ("--ipxe-bios", &args.ipxe_bios),
+        ("--ipxe-arm64", &args.ipxe_arm64),
+        ("--bootloader", &args.bootloader),
+    ] {
+        if let Some(p) = path {
+            require_file(p, flag, &format!("check the {flag} path"))?;
+        }
     }
     let init = match &args.init_binary {
         Some(p) => p.clone(),
@@ -399,6 +404,9 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     };
     // Arguments first (cheap, and the most common mistakes), then the files they name.
     let cfg = config_from_args(args, boot_files)?;
+    if args.upload {
+        crate::publish::s3::check_args(&args.s3).context("--upload")?;
+    }
     let inputs = resolve_inputs(args)?;
     let out_dir = args.out_dir.clone().unwrap_or_else(|| {
         PathBuf::from(format!("artifacts/bootstrap/{}", args.bootstrap_version))
@@ -598,11 +606,17 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
     let file = out.file();
     let initramfs = || -> Result<(Vec<u8>, modules::ModuleSet)> {
         let t = Timer::new("[initramfs thread] ");
+        // Where a corrupt ISO is corrupt: the initramfs inside that ISO.
+        let where_ = || {
+            format!(
+                "reading the Talos initramfs {ISO_INITRAMFS} in {}",
+                inputs.iso.display()
+            )
+        };
         let sqsh = initramfs::talos::extract_rootfs_sqsh(
-            initramfs::talos::decompress(talos_initramfs.open()?)
-                .context("reading the Talos initramfs")?,
+            initramfs::talos::decompress(talos_initramfs.open()?).with_context(where_)?,
         )
-        .context("reading the Talos initramfs")?;
+        .with_context(where_)?;
         t.lap("spooling rootfs.sqsh");
         let mods = modules::select_modules(sqsh, modules::APPLIANCE_MODULES)
             .context("selecting kernel modules from the Talos rootfs")?;
@@ -621,7 +635,8 @@ pub fn build(args: &BuildArgs) -> Result<Summary> {
         t.lap("building appliance.img");
         Ok((img, mods))
     };
-    let (written, mods) = image::write(file, &parts, initramfs, &|m| steps.step(m))?;
+    let (written, mods) = image::write(file, &parts, initramfs, &|m| steps.step(m))
+        .with_context(|| format!("writing {}", dest.display()))?;
     let (total, sha256) = (written.total, written.sha256);
     let allocated = {
         use std::os::unix::fs::MetadataExt;

@@ -91,8 +91,10 @@ pub struct BuildArgs {
     #[arg(long)]
     pub skip_config_check: bool,
     /// iPXE for x86-64 UEFI clients [default: the first of /usr/lib/ipxe/ipxe.efi,
-    /// /usr/share/ipxe/ipxe.efi, /usr/share/ipxe/ipxe-x86_64.efi]. Use snponly.efi for NICs
-    /// iPXE has no driver for (it drives the NIC through the firmware's own UNDI/SNP)
+    /// /usr/share/ipxe/ipxe.efi, /usr/share/ipxe/ipxe-x86_64.efi,
+    /// /usr/share/ipxe/ipxe-snponly-x86_64.efi, then the `mkappliance fetch ipxe` cache].
+    /// Use snponly.efi for NICs iPXE has no driver for (it drives the NIC through the
+    /// firmware's own UNDI/SNP)
     #[arg(long, value_name = "PATH")]
     pub ipxe: Option<PathBuf>,
     /// iPXE for legacy BIOS clients (undionly.kpxe); BIOS clients are not served without it
@@ -195,8 +197,8 @@ pub struct InspectArgs {
     sudo mkappliance serve --image artifacts/bootstrap/2025-12-17/bootstrap-pxe.raw --interface enx00e04c680001\n\n\
     serves the node plugged into that NIC exactly as the appliance VM would: DHCP (its MAC\n\
     only, on that interface only), iPXE over TFTP and Talos over HTTP on the appliance\n\
-    address, which is added to the interface when missing. Needs root (ports 67, 69, 80).\n\
-    One line per event on stderr; Ctrl-C stops."
+    address, which is added to the interface when missing (and removed on exit).\n\
+    Needs root (ports 67, 69, 80). One line per event on stderr; Ctrl-C stops."
 )]
 pub struct ServeArgs {
     /// Built appliance image to serve from (read directly: no root needed to read it,

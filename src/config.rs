@@ -370,6 +370,26 @@ impl ApplianceConfig {
         }
         check_talos_version(&self.talos_version)?;
         check_path_component("bootstrap version", &self.bootstrap_version)?;
+        // boot.ipxe puts them on one `kernel` line: a line break would end it and run the
+        // rest as iPXE commands.
+        if let Some(c) = self.talos_kernel_args.chars().find(|c| c.is_control()) {
+            bail!(
+                "the Talos kernel arguments contain the control character {c:?}: \
+                 --extra-kernel-args must be one line of plain text"
+            );
+        }
+        // The appliance's NICs share a link with the node (or stand in for it): the node's
+        // MAC on one of them is a mix-up of the two machines.
+        for (flag, mac) in [
+            ("--internal-mac", self.network.internal_mac),
+            ("--uplink-mac", self.network.uplink_mac),
+        ] {
+            ensure!(
+                mac != Some(self.minipc_mac),
+                "{flag} {} is the node's MAC: give the MAC of the appliance VM's own NIC",
+                self.minipc_mac
+            );
+        }
         self.network.validate()
     }
 

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
 use crate::cmdline::InspectArgs;
@@ -54,11 +54,29 @@ fn find(table: &gpt::Table, type_guid: &str, what: &str) -> Result<gpt::Partitio
         .with_context(|| format!("no {what} partition (type {type_guid})"))
 }
 
-/// Read an image and check it against the layout; errors name what is missing.
+/// Read an image and check it against the layout; errors name the image and what is
+/// missing.
 pub fn read_report(path: &std::path::Path) -> Result<Report> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let table =
-        gpt::read(&file).with_context(|| format!("{} is not a GPT disk", path.display()))?;
+    check_image(path).with_context(|| format!("inspecting {}", path.display()))
+}
+
+fn check_image(path: &std::path::Path) -> Result<Report> {
+    let file = File::open(path)?;
+    let table = gpt::read(&file).context("not a GPT disk")?;
+    // A copy cut short still has its partition table at the front; the disk ends with
+    // the backup header, so the file must reach that far.
+    // By seeking, not metadata: a block device (the image written to a USB stick) has
+    // a metadata length of 0.
+    let file_len = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))?;
+    let disk_len = gpt::read_header(&file)?
+        .alternate_lba
+        .saturating_add(1)
+        .saturating_mul(gpt::DEFAULT_SECTOR_SIZE);
+    ensure!(
+        disk_len <= file_len,
+        "truncated: its GPT describes a {disk_len}-byte disk but the file has {file_len} \
+         bytes (an incomplete copy or download?)"
+    );
     let esp_part = find(&table, layout::ESP_TYPE_GUID, "EFI System")?;
     let root_part = find(&table, layout::ROOT_TYPE_GUID, "root")?;
 

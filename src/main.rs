@@ -35,6 +35,7 @@ fn main() {
 
 /// `mkappliance decrypt FILE`: the plaintext on stdout.
 fn decrypt(args: &mkappliance::cmdline::DecryptArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
     use std::io::Write;
     let keys = mkappliance::sops::KeyOptions {
         age_key_file: args.age_key_file.clone(),
@@ -47,7 +48,7 @@ fn decrypt(args: &mkappliance::cmdline::DecryptArgs) -> anyhow::Result<()> {
         );
     }
     let mut out = std::io::stdout().lock();
-    out.write_all(&plain.bytes)?;
-    out.flush()?;
-    Ok(())
+    out.write_all(&plain.bytes)
+        .and_then(|()| out.flush())
+        .with_context(|| format!("writing the plaintext of {} to stdout", args.file.display()))
 }

@@ -393,6 +393,31 @@ fn inspect_rejects_what_is_not_a_complete_appliance() {
         "{text}"
     );
 
+    // A copy cut short, even by its last sector (the backup GPT), is not an image:
+    // sgdisk says what size the disk should be.
+    let bytes = std::fs::read(&image).unwrap();
+    let sgdisk = run_stdout(Command::new("sgdisk").arg("-p").arg(&image));
+    let sectors: u64 = sgdisk
+        .lines()
+        .find_map(|l| l.strip_prefix("Disk "))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no disk size in {sgdisk}"))
+        .parse()
+        .unwrap();
+    assert_eq!(sectors * 512, bytes.len() as u64, "{sgdisk}");
+    for cut in [bytes.len() - 512, bytes.len() * 3 / 4] {
+        let short = tmp.path().join("short.raw");
+        std::fs::write(&short, &bytes[..cut]).unwrap();
+        let o = inspect(&short);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "a {cut}-byte copy passed: {stderr}");
+        assert!(
+            stderr.contains("short.raw") && stderr.contains("truncated"),
+            "{stderr}"
+        );
+    }
+
     // Remove a served file with the real debugfs: inspect must notice.
     let (root_off, ..) = sgdisk_partition(&image, 2);
     run_ok(
@@ -482,5 +507,23 @@ fn optional_boot_files_bootloader_and_a_dynamic_init_binary() {
             inside.exists(),
             "{lib} (from ldd /bin/ls) is not in the initramfs"
         );
+    }
+}
+
+/// `build --help` names every place the build looks for iPXE, in the order it looks.
+#[test]
+fn help_names_every_ipxe_default() {
+    let help = run_stdout(Command::new(bin()).args(["build", "--help"]));
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut at = 0;
+    for place in mkappliance::builder::IPXE_SEARCH
+        .iter()
+        .copied()
+        .chain(["`mkappliance fetch ipxe` cache"])
+    {
+        let found = help[at..]
+            .find(place)
+            .unwrap_or_else(|| panic!("{place} not in the --ipxe help (in order): {help}"));
+        at += found + place.len();
     }
 }

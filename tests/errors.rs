@@ -51,6 +51,8 @@ fn missing_iso_says_where_to_get_it() {
         e.contains("releases/download/v1.11.6/metal-amd64.iso"),
         "{e}"
     );
+    // The command that puts it exactly there.
+    assert!(e.contains("`mkappliance fetch talos v1.11.6`"), "{e}");
 }
 
 #[test]
@@ -91,6 +93,36 @@ fn corrupt_and_truncated_isos() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let e = fails(build_with(&cut, &out, &[]), &out);
     assert!(e.contains("truncated"), "{e}");
+
+    // Intact structure, corrupt file data: zero 1 MiB in the middle of the Talos
+    // initramfs, located by xorriso. The error names the file and the ISO it is in.
+    let report = run_stdout(Command::new("xorriso").arg("-indev").arg(&iso).args([
+        "-find",
+        "/boot/initramfs.xz",
+        "-exec",
+        "report_lba",
+        "--",
+    ]));
+    let fields: Vec<u64> = report
+        .lines()
+        .find(|l| l.starts_with("File data lba:"))
+        .unwrap_or_else(|| panic!("no extent in {report}"))
+        .trim_start_matches("File data lba:")
+        .split(',')
+        .take(4)
+        .map(|f| f.trim().parse().unwrap())
+        .collect();
+    let (start, size) = (fields[1] * 2048, fields[3]);
+    let mut bytes = bytes;
+    let mid = (start + size / 2) as usize;
+    bytes[mid..mid + (1 << 20)].fill(0);
+    let corrupt = tmp.path().join("corrupt.iso");
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let e = fails(build_with(&corrupt, &out, &[]), &out);
+    assert!(
+        e.contains("/boot/initramfs.xz") && e.contains("corrupt.iso"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -147,10 +179,91 @@ fn malformed_mac_and_addresses() {
             vec!["--internal-mac", "zz:11:22:33:44:55"],
             "invalid --internal-mac",
         ),
+        // The node's own MAC given for an appliance NIC: two machines mixed up.
+        (
+            vec!["--internal-mac", MAC],
+            "--internal-mac 00:11:22:33:44:55 is the node's MAC",
+        ),
+        (
+            vec!["--uplink-mac", MAC],
+            "--uplink-mac 00:11:22:33:44:55 is the node's MAC",
+        ),
+        // A line break would end boot.ipxe's kernel line and run the rest as iPXE commands.
+        (
+            vec!["--extra-kernel-args", "console=ttyS0\nshell"],
+            "control character '\\n'",
+        ),
     ] {
         let e = fails(build_with(&iso, &out, &args), &out);
         assert!(e.contains(needle), "{args:?}: {e}");
     }
+}
+
+#[test]
+fn missing_optional_files_name_their_flag() {
+    let (tmp, iso, out) = setup();
+    let missing = tmp.path().join("missing.bin");
+    let m = missing.to_str().unwrap();
+    for flag in ["--ipxe-bios", "--ipxe-arm64", "--bootloader"] {
+        let e = fails(build_with(&iso, &out, &[flag, m]), &out);
+        assert!(
+            e.contains(&format!("{flag} not found at {m}")),
+            "{flag}: {e}"
+        );
+    }
+}
+
+/// `build --upload` with no bucket (or a bad recipient) fails before building: nothing
+/// is written, and the mistake costs no build time.
+#[test]
+fn upload_options_are_checked_before_the_build() {
+    let (_tmp, iso, out) = setup();
+    let mut cmd = build_with(&iso, &out, &["--upload"]);
+    cmd.env_remove("IDRIVE_BUCKET");
+    let e = fails(cmd, &out);
+    assert!(
+        e.contains("no bucket") && e.contains("IDRIVE_BUCKET"),
+        "{e}"
+    );
+
+    let mut cmd = build_with(
+        &iso,
+        &out,
+        &[
+            "--upload",
+            "--bucket",
+            "b",
+            "--encrypt-to",
+            "not-a-recipient",
+        ],
+    );
+    cmd.env_remove("IDRIVE_BUCKET");
+    let e = fails(cmd, &out);
+    assert!(e.contains("not-a-recipient"), "{e}");
+}
+
+/// stdout that cannot be written (a full disk: /dev/full) fails naming what was written.
+#[test]
+fn decrypt_to_a_full_stdout() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = Command::new(bin())
+        .arg("decrypt")
+        .arg(example_config())
+        .stdout(full)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("controlplane.yaml to stdout")
+            && errors[0].contains("No space left on device"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -205,6 +318,12 @@ fn full_and_read_only_output_directories() {
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(
         lines[0].starts_with("error: ") && lines[0].contains("No space left on device"),
+        "{stderr}"
+    );
+    // Where: the image being written.
+    let image = out.join("bootstrap-pxe.raw");
+    assert!(
+        lines[0].contains(&format!("writing {}", image.display())),
         "{stderr}"
     );
 
@@ -273,4 +392,164 @@ fn ctrl_c_leaves_nothing_behind() {
         interrupted > 0,
         "never managed to interrupt a build mid-write"
     );
+}
+
+/// A network namespace with a veth pair (`pxe0`, `pxe1`), deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Netns {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let ns = Netns(format!("mkaerr{}x{n}", std::process::id()));
+        run_ok(Command::new("ip").args(["netns", "add", &ns.0]));
+        ns.ip(&[
+            "link", "add", "pxe0", "type", "veth", "peer", "name", "pxe1",
+        ]);
+        ns.ip(&["link", "set", "pxe0", "up"]);
+        ns
+    }
+    fn ip(&self, args: &[&str]) -> String {
+        run_stdout(Command::new("ip").arg("-n").arg(&self.0).args(args))
+    }
+    fn addresses(&self) -> String {
+        self.ip(&["-4", "-o", "addr", "show", "dev", "pxe0"])
+    }
+    fn serve(&self, image: &Path, state: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0])
+            .arg(bin())
+            .args(["serve", "--interface", "pxe0", "--image"])
+            .arg(image)
+            .arg("--state-dir")
+            .arg(state);
+        c
+    }
+    /// Start serve, wait for its ready event, Ctrl-C it; its exit status.
+    fn serve_until_ready(&self, image: &Path, state: &Path) -> std::process::ExitStatus {
+        use std::io::BufRead;
+        let mut child = self
+            .serve(image, state)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains(" ready ") => break,
+                Ok(_) => {}
+                Err(e) => panic!("serve never got ready: {e}"),
+            }
+        }
+        assert!(self.addresses().contains("10.10.10.2/24"));
+        // SAFETY: plain kill(2) of our own child (`ip netns exec` execs serve).
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// `serve` gives the interface the appliance address only while it runs: a serve that
+/// cannot start (port 80 taken) and one stopped with Ctrl-C both leave the interface as
+/// they found it, and an address that was there before stays. Needs root (a network
+/// namespace), like the serve tests.
+#[test]
+fn serve_leaves_the_interface_as_it_found_it() {
+    let (tmp, iso, out) = setup();
+    run_ok(&mut build_cmd(&iso, &out, &[]));
+    let image = out.join("bootstrap-pxe.raw");
+    let state = tmp.path().join("state");
+    let ns = Netns::new();
+
+    // Port 80 taken in the namespace: serve fails after adding the address.
+    let path = format!("/var/run/netns/{}", ns.0);
+    let holder = std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on this thread only, with a valid netns fd.
+        assert_eq!(
+            unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        std::net::TcpListener::bind("0.0.0.0:80").unwrap()
+    })
+    .join()
+    .unwrap();
+    let o = ns.serve(&image, &state).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    assert!(stderr.contains("address-added"), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("10.10.10.2:80"), "{stderr}");
+    let left = ns.addresses();
+    assert!(!left.contains("10.10.10.2"), "a failed serve left {left}");
+    drop(holder);
+
+    // Served, then Ctrl-C.
+    assert!(ns.serve_until_ready(&image, &state).success());
+    let left = ns.addresses();
+    assert!(!left.contains("10.10.10.2"), "a stopped serve left {left}");
+
+    // The address was the host's own: it stays.
+    ns.ip(&["addr", "add", "10.10.10.2/24", "dev", "pxe0"]);
+    assert!(ns.serve_until_ready(&image, &state).success());
+    assert!(ns.addresses().contains("10.10.10.2/24"));
+}
+
+/// `serve` as another user than root fails on the first privileged step, saying that it
+/// needs root and which step and interface it was. Needs root to set the test up.
+#[test]
+fn serve_as_another_user_says_it_needs_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let (tmp, iso, out) = setup();
+    run_ok(&mut build_cmd(&iso, &out, &[]));
+    // Readable by nobody: the failure must be the network, not the image.
+    for (p, mode) in [
+        (tmp.path().to_path_buf(), 0o755),
+        (out.clone(), 0o755),
+        (out.join("bootstrap-pxe.raw"), 0o644),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let ns = Netns::new();
+    // pxe1 is down (serve would set it up), pxe0 up (serve would add the address).
+    for (iface, step) in [
+        ("pxe1", "setting pxe1 up"),
+        ("pxe0", "adding 10.10.10.2/24 to pxe0"),
+    ] {
+        let o = Command::new("ip")
+            .args([
+                "netns", "exec", &ns.0, "setpriv", "--reuid", "65534", "--regid", "65534",
+            ])
+            .args(["--clear-groups"])
+            .arg(bin())
+            .args(["serve", "--interface", iface, "--image"])
+            .arg(out.join("bootstrap-pxe.raw"))
+            .arg("--state-dir")
+            .arg(tmp.path().join("state"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{stderr}");
+        assert!(
+            lines[0].starts_with("error: serve needs root") && lines[0].contains(step),
+            "{stderr}"
+        );
+    }
 }

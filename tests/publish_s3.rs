@@ -326,6 +326,23 @@ fn dry_run_shows_the_plan_without_contacting_anything() {
     assert!(!out.contains(".tmp-99"), "{out}");
     assert!(out.contains("dry run"), "{out}");
 
+    // With --json, stdout is the plan as JSON and nothing else.
+    let o = upload(&dir, &endpoint, &["--dry-run", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let plan: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {out}"));
+    let keys: Vec<&str> = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["key"].as_str().unwrap())
+        .collect();
+    assert!(
+        keys.contains(&"bootstrap/2025-12-17/extra/notes.txt"),
+        "{keys:?}"
+    );
+
     // No bucket anywhere: told how to give one.
     let mut c = mk(&["upload", "--dry-run"]);
     let o = c.arg(&dir).output().unwrap();

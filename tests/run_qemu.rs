@@ -392,6 +392,14 @@ fn errors_before_any_vm_are_one_line() {
         &[image, "--no-client", "--until", "config-fetched"],
         "--no-client",
     );
+    let used = d.join("used");
+    std::fs::create_dir_all(&used).unwrap();
+    std::fs::write(used.join("console.log"), "an earlier run").unwrap();
+    fails_in_one_line(
+        d,
+        &[image, "--keep", used.to_str().unwrap()],
+        "is not empty",
+    );
     // QEMU not on PATH (an empty PATH directory): the message says how to install it.
     let empty = d.join("empty-path");
     std::fs::create_dir_all(&empty).unwrap();

@@ -70,7 +70,8 @@ impl Iface {
         if link.flags & IFF_UP != 0 {
             return Ok(false);
         }
-        rtnl.set_up(self.index)?;
+        rtnl.set_up(self.index)
+            .with_context(|| format!("setting {} up", self.name))?;
         Ok(true)
     }
 
@@ -84,14 +85,39 @@ impl Iface {
             .collect())
     }
 
-    /// Give the interface `cidr` unless it already has that address. Returns whether it added it.
-    pub fn ensure_address(&self, cidr: Ipv4Cidr) -> Result<bool> {
+    /// Give the interface `cidr` unless it already has that address. Returns the address
+    /// it added, which is removed again when dropped; `None` when it was there already.
+    pub fn ensure_address(&self, cidr: Ipv4Cidr) -> Result<Option<AddedAddress>> {
         if self.ipv4_addrs()?.contains(&cidr.addr) {
-            return Ok(false);
+            return Ok(None);
         }
         Rtnl::open()?
             .add_address(self.index, cidr.addr, cidr.prefix, None)
             .with_context(|| format!("adding {cidr} to {}", self.name))?;
-        Ok(true)
+        Ok(Some(AddedAddress {
+            iface: self.clone(),
+            cidr,
+        }))
+    }
+}
+
+/// An address `serve` gave a host's interface: taken away again when dropped, so the
+/// host is left as it was, whether serve stops or fails to start.
+#[derive(Debug)]
+pub struct AddedAddress {
+    iface: Iface,
+    cidr: Ipv4Cidr,
+}
+
+impl Drop for AddedAddress {
+    fn drop(&mut self) {
+        let removed = Rtnl::open()
+            .and_then(|mut r| r.del_address(self.iface.index, self.cidr.addr, self.cidr.prefix));
+        if let Err(e) = removed {
+            eprintln!(
+                "warning: could not remove {} from {}: {e:#}",
+                self.cidr, self.iface.name
+            );
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::appliance::bootonce::{self, BootOnce};
 use crate::appliance::dhcp::DhcpServer;
 use crate::appliance::events::{Event, EventLog};
 use crate::appliance::http::{HttpServer, Site};
-use crate::appliance::netif::Iface;
+use crate::appliance::netif::{AddedAddress, Iface};
 use crate::appliance::ra::Advertiser;
 use crate::appliance::served::ServedTree;
 use crate::appliance::tftp::TftpServer;
@@ -28,6 +28,9 @@ const MAX_CONFIG: u64 = 16 << 20;
 /// Upstream DNS servers for `serve --uplink`.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 const DNS_PORT: u16 = 53;
+/// What a permission error as another user means.
+const NEEDS_ROOT: &str = "serve needs root (or CAP_NET_ADMIN, CAP_NET_RAW and \
+    CAP_NET_BIND_SERVICE) to configure the interface and bind ports 67, 69 and 80";
 /// Under `$XDG_STATE_HOME` (or `~/.local/state`) when serving an image.
 const STATE_SUBDIR: &str = "mkappliance";
 
@@ -50,6 +53,8 @@ pub struct Handles {
     pub address: Ipv4Addr,
     /// The node's boot-once state, shared with the HTTP server (the console re-arms it).
     pub boot_once: Arc<BootOnce>,
+    /// The address `serve` added to the interface, removed when the services stop.
+    added: Option<AddedAddress>,
 }
 
 impl Handles {
@@ -60,6 +65,7 @@ impl Handles {
         for t in self.threads {
             let _ = t.join();
         }
+        drop(self.added);
     }
 
     /// Block until the services stop (they stop only through [`Handles::stop`]).
@@ -83,11 +89,14 @@ pub fn start(tree: Arc<ServedTree>, opts: &ServeOptions, events: &EventLog) -> R
     let cfg = tree.config().clone();
     let appliance = cfg.network.appliance;
     let iface = Iface::lookup(&opts.interface)?;
+    // Held until the services stop; an error below drops it, taking the address away.
+    let mut added = None;
     if opts.configure_interface {
         if iface.ensure_up()? {
             events.emit(Event::new("link-up").field("interface", iface.name.clone()));
         }
-        if iface.ensure_address(appliance)? {
+        added = iface.ensure_address(appliance)?;
+        if added.is_some() {
             events.emit(
                 Event::new("address-added")
                     .ip(appliance.addr)
@@ -186,6 +195,7 @@ pub fn start(tree: Arc<ServedTree>, opts: &ServeOptions, events: &EventLog) -> R
         iface,
         address: appliance.addr,
         boot_once,
+        added,
     })
 }
 
@@ -243,7 +253,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         rearm: args.rearm,
     };
     let pxe_subnet = tree.config().network.appliance;
-    let handles = start(Arc::new(tree), &opts, &events)?;
+    let handles = start(Arc::new(tree), &opts, &events).map_err(needs_root_hint)?;
     // Dropped at the end of `run`: the NAT table goes and forwarding is restored.
     let _uplink = match &args.uplink {
         Some(ifname) => Some(start_uplink(ifname, pxe_subnet, &events)?),
@@ -262,6 +272,22 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     events.emit(Event::new("stopping").field("signal", sig));
     handles.stop();
     Ok(())
+}
+
+/// A permission error as a user other than root is the missing root, not the thing that
+/// failed: say so first.
+fn needs_root_hint(e: anyhow::Error) -> anyhow::Error {
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let denied = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+    });
+    if denied && !root {
+        e.context(NEEDS_ROOT)
+    } else {
+        e
+    }
 }
 
 /// `serve --uplink`: NAT out of `ifname` and a DNS forwarder on the appliance address.

@@ -231,9 +231,20 @@ pub fn read(file: &File) -> Result<Table> {
     read_gpt(&mut &*file, DEFAULT_SECTOR_SIZE)
 }
 
+/// The primary GPT header of a disk image file, CRC-checked.
+pub fn read_header(file: &File) -> Result<GptHeader> {
+    use std::os::unix::fs::FileExt;
+    let mut sector = vec![0u8; DEFAULT_SECTOR_SIZE as usize];
+    file.read_exact_at(&mut sector, GPT_HEADER_LBA * DEFAULT_SECTOR_SIZE)
+        .context("reading the GPT header")?;
+    parse_header(&sector)
+}
+
 /// The fields of a GPT header a reader needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GptHeader {
+    /// Where the backup header is: the disk's last sector.
+    pub alternate_lba: u64,
     pub disk_guid: Guid,
     pub entries_lba: u64,
     pub num_entries: u32,
@@ -278,6 +289,7 @@ pub fn parse_header(sector: &[u8]) -> Result<GptHeader> {
         "GPT header CRC mismatch (stored {stored_crc:#010x}, computed {crc:#010x})"
     );
     let header = GptHeader {
+        alternate_lba: le_u64(sector, 32),
         disk_guid: guid_at(sector, 56),
         entries_lba: le_u64(sector, 72),
         num_entries: le_u32(sector, 80),

@@ -255,6 +255,22 @@ impl Plan {
             args.client_memory
         );
         ensure!(args.timeout > 0, "--timeout must be at least 1 second");
+        if let Some(keep) = &args.keep {
+            // Checked again when created; here so the mistake fails before any output.
+            let empty_dir = std::fs::read_dir(keep).map(|mut d| d.next().is_none());
+            match empty_dir {
+                Ok(true) => {}
+                Ok(false) => bail!(
+                    "--keep {} is not empty: give a new or empty directory",
+                    keep.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => bail!(
+                    "--keep {}: {e}: give a new or empty directory",
+                    keep.display()
+                ),
+            }
+        }
         if let (true, Some(u)) = (args.no_client, args.until) {
             ensure!(
                 !u.needs_client(),
@@ -344,8 +360,11 @@ fn read_image(image: &Path) -> Result<ApplianceConfig> {
         Err(e) => bail!("{shown}: {e}"),
     }
     let report = crate::inspect::read_report(image).map_err(|e| {
+        // The first layer is `inspecting IMAGE`, which this message says already.
+        let why: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
         anyhow::anyhow!(
-            "{shown} is not an mkappliance image ({e:#}): give the .raw image `mkappliance build` wrote"
+            "{shown} is not an mkappliance image ({}): give the .raw image `mkappliance build` wrote",
+            why.join(": ")
         )
     })?;
     Ok(report.config)

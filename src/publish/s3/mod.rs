@@ -242,13 +242,10 @@ where
         if se.raw().status().as_u16() == 200 && se.err().code().is_none())
 }
 
-/// Upload every file of `dir` under `prefix`, verify, print the URLs.
-pub fn upload_dir(
-    dir: &Path,
-    s3: &S3Args,
-    prefix: &str,
-    run: &RunOptions,
-) -> Result<Vec<Uploaded>> {
+/// The checks of the upload options that need neither files nor the network: the bucket
+/// and the age recipients. `build --upload` runs them before building, so a missing
+/// bucket fails in a moment instead of after the build.
+pub fn check_args(s3: &S3Args) -> Result<(String, Option<encrypt::Recipients>)> {
     let bucket = s3
         .bucket
         .clone()
@@ -265,6 +262,17 @@ pub fn upload_dir(
     } else {
         Some(encrypt::parse_recipients(&s3.encrypt_to)?)
     };
+    Ok((bucket, recipients))
+}
+
+/// Upload every file of `dir` under `prefix`, verify, print the URLs.
+pub fn upload_dir(
+    dir: &Path,
+    s3: &S3Args,
+    prefix: &str,
+    run: &RunOptions,
+) -> Result<Vec<Uploaded>> {
+    let (bucket, recipients) = check_args(s3)?;
     let prefix = normalize_prefix(prefix);
     let items = list_files(dir)?;
     if items.is_empty() {
@@ -294,7 +302,17 @@ pub fn upload_dir(
         .collect();
     eprintln!("{}", super::SECRETS_NOTE);
     if run.dry_run {
-        println!("Would upload to s3://{bucket}/{prefix} at {endpoint} (dry run: nothing sent):");
+        // The plan is the output, but stdout belongs to the JSON when there is JSON.
+        let say = |line: String| {
+            if run.print {
+                println!("{line}");
+            } else {
+                eprintln!("{line}");
+            }
+        };
+        say(format!(
+            "Would upload to s3://{bucket}/{prefix} at {endpoint} (dry run: nothing sent):"
+        ));
         let mut out = Vec::new();
         for (it, key, encrypted) in plan {
             let parts = if it.size >= part_bytes {
@@ -302,7 +320,7 @@ pub fn upload_dir(
             } else {
                 0
             };
-            println!(
+            say(format!(
                 "  {} ({}) → s3://{bucket}/{key}{}{}",
                 it.path.display(),
                 util::human_size(it.size),
@@ -316,7 +334,7 @@ pub fn upload_dir(
                 } else {
                     ", single PUT".to_string()
                 }
-            );
+            ));
             out.push(Uploaded {
                 file: it.path,
                 url: url_of(&key),
