@@ -112,6 +112,19 @@ fn get_head_ranges_types_and_keep_alive() {
     let r = http(c, &["-r", &format!("{len}-"), &path]);
     assert_eq!(r.status, 416);
     assert_eq!(r.headers["content-range"], format!("bytes */{len}"));
+    // If-Range with a validator we never sent cannot match: the whole file, not a piece
+    // of what may be another version of it (RFC 9110 13.1.5).
+    for validator in ["\"6941f280-d87800\"", "Wed, 17 Dec 2025 00:00:00 GMT"] {
+        let r = http(
+            c,
+            &["-r", "0-9", "-H", &format!("If-Range: {validator}"), &path],
+        );
+        assert_eq!(r.status, 200, "If-Range: {validator}");
+        assert!(
+            r.body == kernel,
+            "If-Range: {validator}: not the whole file"
+        );
+    }
 
     // UEFI HTTP boot fetches iPXE from the TFTP root.
     let r = http(c, &[&url("/ipxe.efi")]);

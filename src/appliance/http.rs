@@ -187,8 +187,19 @@ fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<usize>,
     let mut chunk = [0u8; 4096];
     let mut deadline: Option<Instant> = None;
     loop {
+        // Empty lines before a request line are ignored (RFC 9112 2.2), as nginx does.
+        let blank = buf
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        buf.drain(..blank);
         if let Some(end) = head_end(buf) {
-            return Ok(Some(end));
+            // The limit holds however the head arrived (all in one read, too).
+            return if end > MAX_HEAD {
+                Err(431)
+            } else {
+                Ok(Some(end))
+            };
         }
         if buf.len() > MAX_HEAD {
             return Err(431);
@@ -284,10 +295,15 @@ fn connection(site: &Site, mut stream: TcpStream, peer: SocketAddr) {
 /// with a reset that destroys the response before the client reads it.
 fn linger(mut stream: TcpStream) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(LINGER));
+    // LINGER in all: a client that keeps trickling bytes must not hold the thread.
+    let deadline = Instant::now() + LINGER;
     let mut sink = [0u8; 16 * 1024];
     let mut left = LINGER_MAX_BYTES;
     while left > 0 {
+        let rest = deadline.saturating_duration_since(Instant::now());
+        if rest.is_zero() || stream.set_read_timeout(Some(rest)).is_err() {
+            return;
+        }
         match stream.read(&mut sink) {
             Ok(0) | Err(_) => return,
             Ok(n) => left = left.saturating_sub(n),
@@ -395,7 +411,13 @@ fn route(site: &Site, req: &Request, peer: IpAddr) -> Response {
     };
     let len = file.len();
     let content_type = content_type(&path);
-    match parse_range(req.header("range"), len) {
+    // If-Range (RFC 9110 13.1.5): we send no validators (ETag, Last-Modified), so the
+    // client's cannot match: the range is ignored, the whole file goes.
+    let range = match req.header("if-range") {
+        Some(_) => None,
+        None => req.header("range"),
+    };
+    match parse_range(range, len) {
         Range::Full => Response {
             status: 200,
             content_type,
