@@ -259,14 +259,13 @@ fn connection(site: &Site, mut stream: TcpStream, peer: SocketAddr) {
         // After a malformed request, nothing that follows on the connection is trusted.
         let keep = req.keep_alive() && !matches!(resp.status, 400 | 405 | 431 | 500 | 505);
         let head_only = req.method == Method::Head;
-        let sent = send(&stream, &resp, keep, head_only);
+        let (bytes, sent) = send(&stream, &resp, keep, head_only);
         let method = match req.method {
             Method::Get => "GET",
             Method::Head => "HEAD",
             Method::Other => "other",
         };
         let path = req.target.split('?').next().unwrap_or("").to_string();
-        let bytes = *sent.as_ref().unwrap_or(&0);
         log(
             site,
             peer,
@@ -483,29 +482,34 @@ fn write_head(stream: &TcpStream, r: &Response, keep: bool, more: bool) -> io::R
     Ok(())
 }
 
-/// Send a response; returns the body bytes sent.
-fn send(stream: &TcpStream, r: &Response, keep: bool, head_only: bool) -> io::Result<u64> {
+/// Send a response: the body bytes sent (for the log, also when the client went away
+/// halfway), and whether all of it went.
+fn send(stream: &TcpStream, r: &Response, keep: bool, head_only: bool) -> (u64, io::Result<()>) {
     let has_body = !head_only && body_len(r) > 0;
-    write_head(stream, r, keep, has_body)?;
+    if let Err(e) = write_head(stream, r, keep, has_body) {
+        return (0, Err(e));
+    }
     if !has_body {
-        return Ok(0);
+        return (0, Ok(()));
     }
     match &r.body {
         Body::Bytes(b) => {
             let mut s = stream;
-            s.write_all(b)?;
-            Ok(b.len() as u64)
+            match s.write_all(b) {
+                Ok(()) => (b.len() as u64, Ok(())),
+                Err(e) => (0, Err(e)),
+            }
         }
-        Body::File(f, start, len) => {
-            let n = f.send_to(stream, *start, *len)?;
-            if n < *len {
-                return Err(io::Error::new(
+        Body::File(f, start, len) => match f.send_to(stream, *start, *len) {
+            (n, Ok(())) if n < *len => (
+                n,
+                Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the file shrank",
-                ));
-            }
-            Ok(n)
-        }
+                )),
+            ),
+            sent => sent,
+        },
     }
 }
 
