@@ -222,6 +222,12 @@ fn bad_http_requests_get_4xx_and_stalled_clients_block_nobody() {
             "a".repeat(100_000)
         );
         assert_eq!(status(&raw_http(huge.as_bytes(), t)), 431);
+        // Over the 16 KiB limit but complete in one read: refused all the same.
+        let over = format!(
+            "GET /boot.ipxe HTTP/1.1\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(18_000)
+        );
+        assert_eq!(status(&raw_http(over.as_bytes(), t)), 431);
         let many: String = (0..100).map(|i| format!("X-{i}: y\r\n")).collect();
         assert_eq!(
             status(&raw_http(
@@ -249,6 +255,32 @@ fn bad_http_requests_get_4xx_and_stalled_clients_block_nobody() {
             ),
             (b"\xff\xfe\r\n\r\n", 400),
             (b"PUT /boot.ipxe HTTP/1.1\r\n\r\n", 405),
+        ] {
+            let resp = raw_http(req, t);
+            assert_eq!(
+                status(&resp),
+                want,
+                "{:?} → {resp:?}",
+                String::from_utf8_lossy(req)
+            );
+        }
+        // Odd but valid requests nginx serves: an empty line before the request line
+        // (RFC 9112 2.2), a later HTTP/1 minor version (RFC 9110 2.5), the absolute form
+        // with the scheme in capitals, whose query is not its path (RFC 9112 3.2.2).
+        for (req, want) in [
+            (
+                &b"\r\nGET /boot.ipxe HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+                200,
+            ),
+            (b"GET /boot.ipxe HTTP/1.2\r\nConnection: close\r\n\r\n", 200),
+            (
+                b"GET HTTP://10.10.10.2/boot.ipxe HTTP/1.1\r\nConnection: close\r\n\r\n",
+                200,
+            ),
+            (
+                b"GET http://10.10.10.2?/boot.ipxe HTTP/1.1\r\nConnection: close\r\n\r\n",
+                404,
+            ),
         ] {
             let resp = raw_http(req, t);
             assert_eq!(
@@ -296,4 +328,39 @@ fn bad_http_requests_get_4xx_and_stalled_clients_block_nobody() {
     assert!(serve.running(), "serve died:\n{}", serve.output());
     let r = lab::curl(&pair.client, &[&format!("http://{APPLIANCE_IP}/boot.ipxe")]);
     assert_eq!((r.0, r.1), (0, expected));
+}
+
+/// After a refused request the server drains what the client still sends, briefly: a
+/// client that keeps trickling bytes into the closing connection must not hold its
+/// thread (and one of the 128 connections) for ever.
+#[test]
+fn a_client_trickling_into_a_closing_connection_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = lab::build_image(dir.path(), &[]);
+    let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
+    let held = pair.client.enter(|| {
+        let mut s = TcpStream::connect((APPLIANCE_IP, 80)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // An endless head: 431, then the server closes its side and drains.
+        s.write_all(format!("GET /boot.ipxe HTTP/1.1\r\nX: {}", "a".repeat(30_000)).as_bytes())
+            .unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        assert_eq!(status(&String::from_utf8_lossy(&resp)), 431);
+        // A byte every 200 ms; once the server has closed, a write fails (reset).
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if s.write_all(b"a").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        start.elapsed()
+    });
+    assert!(
+        held < Duration::from_secs(6),
+        "the server drained a trickling client for {held:?}"
+    );
+    drop(serve);
 }

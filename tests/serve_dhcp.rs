@@ -499,6 +499,28 @@ fn request_states_inform_release_and_decline() {
             Duration::from_millis(300)
         )
         .is_none());
+        // A DECLINE of what we did not offer (no or another server identifier, another
+        // address) is ignored, as dnsmasq does: the node is still offered its address.
+        for decline in [
+            dhcp_packet(4, zero, true, &[(50, &node.octets())]),
+            dhcp_packet(
+                4,
+                zero,
+                true,
+                &[(54, &[10, 10, 10, 9]), (50, &node.octets())],
+            ),
+            dhcp_packet(
+                4,
+                zero,
+                true,
+                &[(54, &us.octets()), (50, &[10, 10, 10, 77])],
+            ),
+        ] {
+            assert!(exchange(&s, &decline, bcast, Duration::from_millis(300)).is_none());
+        }
+        let a = exchange(&s, &dhcp_packet(1, zero, true, &[]), bcast, second)
+            .expect("OFFER after foreign DECLINEs");
+        assert_eq!((a.kind, a.yiaddr), (2, node));
         assert!(exchange(
             &s,
             &dhcp_packet(4, zero, true, &[(54, &us.octets()), (50, &node.octets())]),

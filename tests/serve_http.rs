@@ -112,6 +112,19 @@ fn get_head_ranges_types_and_keep_alive() {
     let r = http(c, &["-r", &format!("{len}-"), &path]);
     assert_eq!(r.status, 416);
     assert_eq!(r.headers["content-range"], format!("bytes */{len}"));
+    // If-Range with a validator we never sent cannot match: the whole file, not a piece
+    // of what may be another version of it (RFC 9110 13.1.5).
+    for validator in ["\"6941f280-d87800\"", "Wed, 17 Dec 2025 00:00:00 GMT"] {
+        let r = http(
+            c,
+            &["-r", "0-9", "-H", &format!("If-Range: {validator}"), &path],
+        );
+        assert_eq!(r.status, 200, "If-Range: {validator}");
+        assert!(
+            r.body == kernel,
+            "If-Range: {validator}: not the whole file"
+        );
+    }
 
     // UEFI HTTP boot fetches iPXE from the TFTP root.
     let r = http(c, &[&url("/ipxe.efi")]);
@@ -195,6 +208,57 @@ fn configs_go_to_the_pinned_node_only_and_traversal_is_refused() {
     assert!(
         denied[0].contains("WARNING") && denied[0].contains(OTHER_IP),
         "{log}"
+    );
+}
+
+/// A client that goes away halfway through a download: the log says how much was sent,
+/// not 0 (the operator reads it to see how far the node got).
+#[test]
+fn a_download_cut_short_is_logged_with_the_bytes_sent() {
+    use std::io::{Read, Write};
+    const READ: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let image = lab::build_image(dir.path(), &[]);
+    let pair = client();
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
+    let path = format!("/talos/{TALOS}/initramfs.xz");
+    let len = lab::image_file(&image, &format!("srv/http{path}")).len() as u64;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {APPLIANCE_IP}\r\n\r\n");
+    pair.client.enter(move || {
+        let mut s = std::net::TcpStream::connect((APPLIANCE_IP, 80)).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        let mut got = 0;
+        while got < READ {
+            got += s.read(&mut buf).unwrap();
+        }
+        // Close with a reset, as a client that gives up does.
+        socket2::SockRef::from(&s)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+    });
+    let needle = format!("path={path} ");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let line = loop {
+        let log = serve.output();
+        if let Some(l) = events(&log, "http")
+            .into_iter()
+            .find(|l| l.contains(&needle))
+        {
+            break l.to_string();
+        }
+        assert!(std::time::Instant::now() < end, "no http event:\n{log}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let bytes: u64 = line
+        .split(' ')
+        .find_map(|f| f.strip_prefix("bytes="))
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes in {line}"));
+    // At least what the client read (less the head), less than the whole file.
+    assert!(
+        bytes >= (READ - 1024) as u64 && bytes < len,
+        "bytes={bytes} for a download cut after {READ} of {len}: {line}"
     );
 }
 

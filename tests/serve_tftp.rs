@@ -311,6 +311,35 @@ fn refuses_writes_traversal_and_missing_files() {
     assert!(events(&log, "tftp-sent").is_empty(), "{log}");
 }
 
+/// Firmware asks for the size (RRQ with tsize, ERROR 8 to the OACK) and then reads the
+/// file at once; a client may do both from one port. The read must be answered, not
+/// taken for a retransmission of the size query whose thread is still cleaning up.
+#[test]
+fn a_read_right_after_a_size_query_from_the_same_port_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = lab::build_image(dir.path(), &[]);
+    let pair = Pair::new(PINNED_MAC, Some("10.10.10.100/24"));
+    let serve = lab::serve_image(&pair.server, dir.path(), &image, false);
+    let answered = pair.client.enter(|| {
+        (0..20)
+            .filter(|_| {
+                let (s, _, tid) =
+                    request_oack("ipxe.efi", &[("tsize", "0"), ("blksize", "1468")], "OACK");
+                s.send_to(&[0, 5, 0, 8, 0], tid).unwrap();
+                s.send_to(&rrq("ipxe.efi", "octet", &[("blksize", "1468")]), server())
+                    .unwrap();
+                let Some((p, tid)) = next(&s, Duration::from_secs(1)) else {
+                    return false;
+                };
+                assert_eq!(&p[..2], &[0, 6], "not an OACK: {p:?}");
+                s.send_to(&[0, 5, 0, 0, 0], tid).unwrap();
+                true
+            })
+            .count()
+    });
+    assert_eq!(answered, 20, "reads unanswered:\n{}", serve.output());
+}
+
 // A test-side client.
 
 fn rrq(name: &str, mode: &str, opts: &[(&str, &str)]) -> Vec<u8> {

@@ -187,8 +187,19 @@ fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<usize>,
     let mut chunk = [0u8; 4096];
     let mut deadline: Option<Instant> = None;
     loop {
+        // Empty lines before a request line are ignored (RFC 9112 2.2), as nginx does.
+        let blank = buf
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        buf.drain(..blank);
         if let Some(end) = head_end(buf) {
-            return Ok(Some(end));
+            // The limit holds however the head arrived (all in one read, too).
+            return if end > MAX_HEAD {
+                Err(431)
+            } else {
+                Ok(Some(end))
+            };
         }
         if buf.len() > MAX_HEAD {
             return Err(431);
@@ -248,14 +259,13 @@ fn connection(site: &Site, mut stream: TcpStream, peer: SocketAddr) {
         // After a malformed request, nothing that follows on the connection is trusted.
         let keep = req.keep_alive() && !matches!(resp.status, 400 | 405 | 431 | 500 | 505);
         let head_only = req.method == Method::Head;
-        let sent = send(&stream, &resp, keep, head_only);
+        let (bytes, sent) = send(&stream, &resp, keep, head_only);
         let method = match req.method {
             Method::Get => "GET",
             Method::Head => "HEAD",
             Method::Other => "other",
         };
         let path = req.target.split('?').next().unwrap_or("").to_string();
-        let bytes = *sent.as_ref().unwrap_or(&0);
         log(
             site,
             peer,
@@ -284,10 +294,15 @@ fn connection(site: &Site, mut stream: TcpStream, peer: SocketAddr) {
 /// with a reset that destroys the response before the client reads it.
 fn linger(mut stream: TcpStream) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(LINGER));
+    // LINGER in all: a client that keeps trickling bytes must not hold the thread.
+    let deadline = Instant::now() + LINGER;
     let mut sink = [0u8; 16 * 1024];
     let mut left = LINGER_MAX_BYTES;
     while left > 0 {
+        let rest = deadline.saturating_duration_since(Instant::now());
+        if rest.is_zero() || stream.set_read_timeout(Some(rest)).is_err() {
+            return;
+        }
         match stream.read(&mut sink) {
             Ok(0) | Err(_) => return,
             Ok(n) => left = left.saturating_sub(n),
@@ -395,7 +410,13 @@ fn route(site: &Site, req: &Request, peer: IpAddr) -> Response {
     };
     let len = file.len();
     let content_type = content_type(&path);
-    match parse_range(req.header("range"), len) {
+    // If-Range (RFC 9110 13.1.5): we send no validators (ETag, Last-Modified), so the
+    // client's cannot match: the range is ignored, the whole file goes.
+    let range = match req.header("if-range") {
+        Some(_) => None,
+        None => req.header("range"),
+    };
+    match parse_range(range, len) {
         Range::Full => Response {
             status: 200,
             content_type,
@@ -461,29 +482,34 @@ fn write_head(stream: &TcpStream, r: &Response, keep: bool, more: bool) -> io::R
     Ok(())
 }
 
-/// Send a response; returns the body bytes sent.
-fn send(stream: &TcpStream, r: &Response, keep: bool, head_only: bool) -> io::Result<u64> {
+/// Send a response: the body bytes sent (for the log, also when the client went away
+/// halfway), and whether all of it went.
+fn send(stream: &TcpStream, r: &Response, keep: bool, head_only: bool) -> (u64, io::Result<()>) {
     let has_body = !head_only && body_len(r) > 0;
-    write_head(stream, r, keep, has_body)?;
+    if let Err(e) = write_head(stream, r, keep, has_body) {
+        return (0, Err(e));
+    }
     if !has_body {
-        return Ok(0);
+        return (0, Ok(()));
     }
     match &r.body {
         Body::Bytes(b) => {
             let mut s = stream;
-            s.write_all(b)?;
-            Ok(b.len() as u64)
+            match s.write_all(b) {
+                Ok(()) => (b.len() as u64, Ok(())),
+                Err(e) => (0, Err(e)),
+            }
         }
-        Body::File(f, start, len) => {
-            let n = f.send_to(stream, *start, *len)?;
-            if n < *len {
-                return Err(io::Error::new(
+        Body::File(f, start, len) => match f.send_to(stream, *start, *len) {
+            (n, Ok(())) if n < *len => (
+                n,
+                Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the file shrank",
-                ));
-            }
-            Ok(n)
-        }
+                )),
+            ),
+            sent => sent,
+        },
     }
 }
 

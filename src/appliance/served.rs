@@ -308,25 +308,27 @@ impl ServedFile {
     }
 
     /// Send `len` bytes from served offset `pos` to a (blocking) socket with `sendfile`.
-    /// Returns the bytes sent, which is `len` unless the file shrank.
-    pub fn send_to(&self, sock: &impl AsRawFd, pos: u64, len: u64) -> io::Result<u64> {
+    /// Returns the bytes sent, which is `len` unless the file shrank or an error (the
+    /// second value) stopped the send: the bytes before it went all the same.
+    pub fn send_to(&self, sock: &impl AsRawFd, pos: u64, len: u64) -> (u64, io::Result<()>) {
         let end = pos.saturating_add(len).min(self.len);
         let mut at = pos;
         while at < end {
             let (src, run) = self.locate(at, end - at);
-            let n = match src {
-                Some(off) => sendfile(sock, &self.file, off, run)?,
+            let sent = match src {
+                Some(off) => sendfile(sock, &self.file, off, run),
                 None => {
                     let n = (run as usize).min(ZEROS.len());
-                    write_fd(sock, &ZEROS[..n])?
+                    write_fd(sock, &ZEROS[..n])
                 }
             };
-            if n == 0 {
-                break;
+            match sent {
+                Ok(0) => break,
+                Ok(n) => at += n as u64,
+                Err(e) => return (at - pos, Err(e)),
             }
-            at += n as u64;
         }
-        Ok(at - pos)
+        (at - pos, Ok(()))
     }
 }
 

@@ -37,6 +37,9 @@ const THREAD_STACK: usize = 256 << 10;
 /// The name of transfer threads (`/proc/<pid>/task/*/comm`).
 pub const TRANSFER_THREAD: &str = "tftp-transfer";
 
+/// The requests being served: the client's address and the request's bytes.
+type Running = Arc<Mutex<HashSet<(SocketAddr, Vec<u8>)>>>;
+
 pub struct TftpServer {
     sock: UdpSocket,
     ip: Ipv4Addr,
@@ -44,7 +47,7 @@ pub struct TftpServer {
     tree: Arc<ServedTree>,
     events: EventLog,
     active: Arc<AtomicUsize>,
-    clients: Arc<Mutex<HashSet<SocketAddr>>>,
+    running: Running,
     workers: Workers,
 }
 
@@ -79,7 +82,7 @@ impl TftpServer {
             tree,
             events: events.clone(),
             active: Arc::new(AtomicUsize::new(0)),
-            clients: Arc::new(Mutex::new(HashSet::new())),
+            running: Running::default(),
             workers: Workers::default(),
         })
     }
@@ -198,13 +201,17 @@ impl TftpServer {
                 )
             }
         };
-        // A retransmitted RRQ while its transfer runs: the transfer answers it.
-        if !lock(&self.clients).insert(src) {
+        // A retransmitted RRQ (the same bytes from the same port) while its transfer runs:
+        // the transfer answers it. Another request from that port is a new transfer (a
+        // client that asked for the size and ended with an ERROR may ask for the file
+        // right away, before that transfer's thread has cleaned up).
+        let key = (src, data.to_vec());
+        if !lock(&self.running).insert(key.clone()) {
             return;
         }
         if self.active.fetch_add(1, Ordering::SeqCst) >= MAX_TRANSFERS {
             self.active.fetch_sub(1, Ordering::SeqCst);
-            lock(&self.clients).remove(&src);
+            lock(&self.running).remove(&key);
             return self.refuse(
                 src,
                 packet::ERR_UNDEFINED,
@@ -216,16 +223,17 @@ impl TftpServer {
         let job = Job {
             ip: self.ip,
             src,
+            key: key.clone(),
             rel,
             source,
             opts,
             events: self.events.clone(),
             active: self.active.clone(),
-            clients: self.clients.clone(),
+            running: self.running.clone(),
         };
         if self.workers.run(job).is_err() {
             self.active.fetch_sub(1, Ordering::SeqCst);
-            lock(&self.clients).remove(&src);
+            lock(&self.running).remove(&key);
         }
     }
 }
@@ -278,12 +286,14 @@ impl Workers {
 struct Job {
     ip: Ipv4Addr,
     src: SocketAddr,
+    /// This request in [`Running`].
+    key: (SocketAddr, Vec<u8>),
     rel: String,
     source: Source,
     opts: packet::Negotiated,
     events: EventLog,
     active: Arc<AtomicUsize>,
-    clients: Arc<Mutex<HashSet<SocketAddr>>>,
+    running: Running,
 }
 
 impl Job {
@@ -314,7 +324,7 @@ impl Job {
             ev = ev.mac(m);
         }
         self.events.emit(ev);
-        lock(&self.clients).remove(&self.src);
+        lock(&self.running).remove(&self.key);
         self.active.fetch_sub(1, Ordering::SeqCst);
     }
 }

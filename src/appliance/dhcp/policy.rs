@@ -49,6 +49,9 @@ pub enum Ignored {
     NotARequest,
     /// A REQUEST selecting another server's offer.
     OtherServer,
+    /// A DECLINE of an address we did not hand out, or a request relayed from another
+    /// subnet (we have addresses on this link only).
+    NotOurs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,13 +124,27 @@ impl Policy {
         if req.mac() != Some(self.mac) {
             return Outcome::Ignore(Ignored::Unknown);
         }
+        // A relay asks for an address on its own subnet (RFC 2131 4.3.1); ours is not
+        // there (dnsmasq: "no address range available for DHCP request via …").
+        if !req.giaddr.is_unspecified() && !self.on_link(req.giaddr) {
+            return Outcome::Ignore(Ignored::NotOurs);
+        }
         match req.message_type() {
             Some(packet::DISCOVER) => self.offer_or_ack(req, packet::OFFER),
             Some(packet::REQUEST) => self.request(req),
             Some(packet::INFORM) => self.offer_or_ack(req, packet::ACK),
-            Some(packet::DECLINE) => Outcome::Decline {
-                ip: req.requested_ip(),
-            },
+            // Only a DECLINE of our offer of the node's address counts (RFC 2131 4.3.3;
+            // dnsmasq checks both): any other would keep the node off the link for the
+            // whole backoff for nothing.
+            Some(packet::DECLINE)
+                if req.server_id() == Some(self.server_ip)
+                    && req.requested_ip() == Some(self.client_ip) =>
+            {
+                Outcome::Decline {
+                    ip: Some(self.client_ip),
+                }
+            }
+            Some(packet::DECLINE) => Outcome::Ignore(Ignored::NotOurs),
             Some(packet::RELEASE) => Outcome::Release,
             _ => Outcome::Ignore(Ignored::NotARequest),
         }
@@ -155,8 +172,19 @@ impl Policy {
         }
     }
 
+    /// Whether `ip` is on the PXE link's subnet.
+    fn on_link(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::from(self.netmask);
+        u32::from(ip) & mask == u32::from(self.server_ip) & mask
+    }
+
     fn nak(&self, req: &Packet) -> Outcome {
         let mut r = Packet::reply_to(req);
+        // Through a relay, the broadcast bit makes it broadcast the NAK to a client whose
+        // address is wrong (RFC 2131 4.3.2: the server MUST set it).
+        if !req.giaddr.is_unspecified() {
+            r.flags |= packet::FLAG_BROADCAST;
+        }
         r.set(opt::MESSAGE_TYPE, [packet::NAK]);
         r.set(opt::SERVER_ID, self.server_ip.octets());
         r.set(opt::MESSAGE, b"wrong address".to_vec());
@@ -463,18 +491,73 @@ mod tests {
         assert_eq!(r.ciaddr, NODE);
         assert_eq!(r.get(opt::LEASE_TIME), None);
         assert_eq!(r.get(opt::ROUTER), Some(&[10, 10, 10, 2][..]));
+        let decline = |opts: &[(u8, &[u8])]| p.handle(&request(packet::DECLINE, PINNED, opts));
         assert_eq!(
-            p.handle(&request(
-                packet::DECLINE,
-                PINNED,
-                &[(opt::REQUESTED_IP, &NODE.octets())]
-            )),
+            decline(&[
+                (opt::SERVER_ID, &US.octets()),
+                (opt::REQUESTED_IP, &NODE.octets())
+            ]),
             Outcome::Decline { ip: Some(NODE) }
         );
+        // Declines of what we did not offer change nothing (as in dnsmasq): no server
+        // identifier, another server's, or another address.
+        for opts in [
+            &[(opt::REQUESTED_IP, &NODE.octets()[..])][..],
+            &[
+                (opt::SERVER_ID, &[10, 10, 10, 9][..]),
+                (opt::REQUESTED_IP, &NODE.octets()[..]),
+            ],
+            &[
+                (opt::SERVER_ID, &US.octets()[..]),
+                (opt::REQUESTED_IP, &[10, 10, 10, 77][..]),
+            ],
+            &[(opt::SERVER_ID, &US.octets()[..])],
+        ] {
+            assert_eq!(decline(opts), Outcome::Ignore(Ignored::NotOurs), "{opts:?}");
+        }
         assert_eq!(
             p.handle(&request(packet::RELEASE, PINNED, &[])),
             Outcome::Release
         );
+    }
+
+    #[test]
+    fn relayed_requests() {
+        let p = policy();
+        let relayed = |kind, giaddr: [u8; 4], opts: &[(u8, &[u8])]| {
+            let mut r = request(kind, PINNED, opts);
+            r.giaddr = Ipv4Addr::from(giaddr);
+            p.handle(&r)
+        };
+        // A relay on this subnet: answered, to the relay (the reply keeps giaddr).
+        let (r, _) = reply(relayed(packet::DISCOVER, [10, 10, 10, 1], &[]));
+        assert_eq!((r.yiaddr, r.giaddr), (NODE, Ipv4Addr::new(10, 10, 10, 1)));
+        // A NAK through a relay has the broadcast bit set (RFC 2131 4.3.2).
+        let (r, _) = reply(relayed(
+            packet::REQUEST,
+            [10, 10, 10, 1],
+            &[(opt::REQUESTED_IP, &[10, 10, 10, 77])],
+        ));
+        assert_eq!(r.message_type(), Some(packet::NAK));
+        assert_eq!(r.flags & packet::FLAG_BROADCAST, packet::FLAG_BROADCAST);
+        // Without a relay, the NAK keeps the client's flags (it goes out broadcast anyway).
+        let (r, _) = reply(p.handle(&request(
+            packet::REQUEST,
+            PINNED,
+            &[(opt::REQUESTED_IP, &[10, 10, 10, 77])],
+        )));
+        assert_eq!(r.flags, 0);
+        // A relay on another subnet: our address is not for there.
+        for kind in [packet::DISCOVER, packet::REQUEST, packet::INFORM] {
+            assert_eq!(
+                relayed(
+                    kind,
+                    [192, 168, 5, 1],
+                    &[(opt::REQUESTED_IP, &NODE.octets())]
+                ),
+                Outcome::Ignore(Ignored::NotOurs)
+            );
+        }
     }
 
     #[test]

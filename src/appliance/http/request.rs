@@ -42,10 +42,12 @@ impl Request {
         else {
             return Err(400);
         };
-        let minor = match version {
-            "HTTP/1.1" => 1,
-            "HTTP/1.0" => 0,
-            v if v.starts_with("HTTP/") => return Err(505),
+        // A later HTTP/1 minor version is served as 1.1 (RFC 9110 2.5), as nginx does.
+        let minor = match version.as_bytes() {
+            [b'H', b'T', b'T', b'P', b'/', b'1', b'.', m] if m.is_ascii_digit() => {
+                u8::from(*m > b'0')
+            }
+            v if v.starts_with(b"HTTP/") => return Err(505),
             _ => return Err(400),
         };
         if target.is_empty() || method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase())
@@ -110,9 +112,16 @@ impl Request {
     /// `/`. A traversal attempt or a bad escape is `Err(400)`.
     pub fn path(&self) -> Result<String, u16> {
         let mut t = self.target.as_str();
-        // Absolute form: http://host/path
-        if let Some(rest) = t.strip_prefix("http://") {
-            t = rest.find('/').map_or("/", |i| &rest[i..]);
+        // Absolute form, http://host/path (RFC 9112 3.2.2): the scheme is case-insensitive
+        // and the authority ends at the first `/`, `?` or `#`.
+        if t.get(..7)
+            .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+        {
+            let rest = &t[7..];
+            t = match rest.find(['/', '?', '#']) {
+                Some(i) if rest[i..].starts_with('/') => &rest[i..],
+                _ => "/",
+            };
         }
         if !t.starts_with('/') {
             return Err(400);
@@ -232,11 +241,24 @@ mod tests {
                 .path(),
             Ok("boot.ipxe".into())
         );
+        // The scheme in any case; a path-looking query or fragment is not the path.
+        let path = |t: &str| req(&format!("GET {t} HTTP/1.1\r\n")).unwrap().path();
+        assert_eq!(path("HTTP://10.10.10.2/boot.ipxe"), Ok("boot.ipxe".into()));
+        assert_eq!(path("http://10.10.10.2?/boot.ipxe"), Ok(String::new()));
+        assert_eq!(path("http://10.10.10.2#/boot.ipxe"), Ok(String::new()));
+        assert_eq!(path("http://10.10.10.2"), Ok(String::new()));
+        // Later HTTP/1 minor versions are HTTP/1.1.
+        let r = req("GET / HTTP/1.2\r\n").unwrap();
+        assert_eq!(r.minor, 1);
+        assert!(r.keep_alive());
+        assert_eq!(req("GET / HTTP/1.9\r\n").unwrap().minor, 1);
     }
 
     #[test]
     fn rejects_bad_heads() {
         assert_eq!(req("GET / HTTP/2.0\r\n"), Err(505));
+        assert_eq!(req("GET / HTTP/1.10\r\n"), Err(505));
+        assert_eq!(req("GET / HTTP/1.x\r\n"), Err(505));
         assert_eq!(req("GET /  HTTP/1.1\r\n"), Err(400));
         assert_eq!(req("GET / FOO\r\n"), Err(400));
         assert_eq!(req("get / HTTP/1.1\r\n"), Err(400));
