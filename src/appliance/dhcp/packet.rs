@@ -234,6 +234,22 @@ impl Packet {
             - IP_UDP
     }
 
+    /// Put the options a client asked for (its option 55) in the order it asked, after
+    /// the message type and server identifier; the rest keep their order at the end.
+    /// RFC 2132 9.8: the server "MUST try to insert the requested options in the order
+    /// requested"; some PXE ROMs read only the first few.
+    pub fn order_options_like(&mut self, requested: &[u8]) {
+        let rank = |code: u8| match code {
+            opt::MESSAGE_TYPE => 0,
+            opt::SERVER_ID => 1,
+            c => requested
+                .iter()
+                .position(|&r| r == c)
+                .map_or(usize::MAX, |i| i + 2),
+        };
+        self.options.sort_by_key(|(c, _)| rank(*c)); // stable: the rest stay in order
+    }
+
     /// A reply skeleton for `req`: same xid, flags, giaddr and chaddr.
     pub fn reply_to(req: &Packet) -> Packet {
         Packet {

@@ -248,6 +248,7 @@ impl Policy {
         if is_ipxe(req) {
             r.set(opt::IPXE_ENCAP, IPXE_NO_PXEDHCP.to_vec());
         }
+        r.order_options_like(req.get(opt::PARAMS).unwrap_or_default());
         Outcome::Reply {
             reply: r,
             boot: boot.map(|b| b.file),
@@ -558,6 +559,55 @@ mod tests {
                 Outcome::Ignore(Ignored::NotOurs)
             );
         }
+    }
+
+    /// The option codes of an encoded reply, in wire order, read straight off the bytes
+    /// (after the 236-byte header and the 4-byte magic cookie).
+    fn wire_codes(wire: &[u8]) -> Vec<u8> {
+        let mut codes = Vec::new();
+        let mut i = 240;
+        while i < wire.len() && wire[i] != opt::END {
+            if wire[i] == opt::PAD {
+                i += 1;
+                continue;
+            }
+            codes.push(wire[i]);
+            i += 2 + wire[i + 1] as usize;
+        }
+        codes
+    }
+
+    #[test]
+    fn requested_options_come_in_the_requested_order() {
+        // As an iPXE client might ask: boot file first, then router, mask, DNS; 12 and
+        // 66 are answered but not asked for, 200 is asked for but not answered.
+        let prl: &[u8] = &[67, 3, 200, 1, 6];
+        let req = request(
+            packet::DISCOVER,
+            PINNED,
+            &[(opt::PARAMS, prl), (opt::CLIENT_ARCH, &[0, 7])],
+        );
+        let (r, _) = reply(policy().handle(&req));
+        let codes = wire_codes(&r.encode());
+        assert_eq!(codes[..6], [53, 54, 67, 3, 1, 6], "{codes:?}");
+        for unasked in [51, 12, 66] {
+            assert!(
+                codes[6..].contains(&unasked),
+                "{unasked} missing: {codes:?}"
+            );
+        }
+        // Without option 55 every option is still there, 53 and 54 first.
+        let (r, _) = reply(policy().handle(&request(
+            packet::DISCOVER,
+            PINNED,
+            &[(opt::CLIENT_ARCH, &[0, 7])],
+        )));
+        let all = wire_codes(&r.encode());
+        assert_eq!(all[..2], [53, 54]);
+        let (mut a, mut b) = (all.clone(), codes);
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b, "the same options either way");
     }
 
     #[test]
