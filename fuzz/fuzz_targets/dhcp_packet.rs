@@ -38,7 +38,11 @@ fn check(data: &[u8]) {
             ipxe_arm64: Some("ipxe-arm64.efi".into()),
         },
     };
-    let _ = (req.client_arch(), req.max_reply_size(), req.has_user_class(b"iPXE"));
+    let _ = (
+        req.client_arch(),
+        req.max_reply_size(),
+        req.has_user_class(b"iPXE"),
+    );
     // A random relay address is off the link and ignored: try the input also as a client
     // on the link, so the fuzzer reaches the answering paths.
     let mut direct = req.clone();

@@ -6,7 +6,9 @@ use libfuzzer_sys::fuzz_target;
 use mkappliance::appliance::http::request::{parse_range, Range, Request};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(req) = Request::parse(data) else { return };
+    let Ok(req) = Request::parse(data) else {
+        return;
+    };
     let _ = req.keep_alive();
     if let Ok(p) = req.path() {
         assert!(!p.split('/').any(|c| c == ".."));

@@ -8,7 +8,9 @@ use mkappliance::appliance::tftp::packet::{self, Request};
 
 fuzz_target!(|data: &[u8]| {
     let _ = packet::parse_reply(data);
-    let Ok(req) = Request::parse(data) else { return };
+    let Ok(req) = Request::parse(data) else {
+        return;
+    };
     if let Ok(p) = clean_path(&req.filename) {
         assert!(!p.split('/').any(|c| c == ".." || c.is_empty()));
     }
