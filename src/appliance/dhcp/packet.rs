@@ -250,6 +250,29 @@ impl Packet {
         self.options.sort_by_key(|(c, _)| rank(*c)); // stable: the rest stay in order
     }
 
+    /// Make the reply fit in `max` bytes (the client's [`Self::max_reply_size`]) by
+    /// dropping, least needed first, the options a client can do without and did not
+    /// ask for. Returns whether it fits. Only a very long client identifier, which
+    /// replies echo, takes a reply near the 548 bytes every client must accept.
+    pub fn fit(&mut self, max: usize, requested: &[u8]) -> bool {
+        const EXPENDABLE: [u8; 5] = [
+            opt::HOSTNAME,
+            opt::BROADCAST,
+            opt::REBINDING,
+            opt::RENEWAL,
+            opt::CLIENT_ID,
+        ];
+        for code in EXPENDABLE {
+            if self.encode().len() <= max {
+                return true;
+            }
+            if !requested.contains(&code) {
+                self.options.retain(|(c, _)| *c != code);
+            }
+        }
+        self.encode().len() <= max
+    }
+
     /// A reply skeleton for `req`: same xid, flags, giaddr and chaddr.
     pub fn reply_to(req: &Packet) -> Packet {
         Packet {

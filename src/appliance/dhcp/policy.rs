@@ -248,7 +248,10 @@ impl Policy {
         if is_ipxe(req) {
             r.set(opt::IPXE_ENCAP, IPXE_NO_PXEDHCP.to_vec());
         }
-        r.order_options_like(req.get(opt::PARAMS).unwrap_or_default());
+        let requested = req.get(opt::PARAMS).unwrap_or_default();
+        r.order_options_like(requested);
+        // Too big even so, it goes out as it is: the client may still take it.
+        r.fit(req.max_reply_size(), requested);
         Outcome::Reply {
             reply: r,
             boot: boot.map(|b| b.file),
@@ -608,6 +611,44 @@ mod tests {
         a.sort_unstable();
         b.sort_unstable();
         assert_eq!(a, b, "the same options either way");
+    }
+
+    #[test]
+    fn replies_fit_the_clients_maximum_message_size() {
+        // A 250-byte client identifier, echoed (RFC 6842), takes a reply past the 548
+        // bytes of UDP payload that a client allowing only 576-byte messages accepts.
+        let id = [7u8; 250];
+        let ask = |max: u16| {
+            reply(policy().handle(&request(
+                packet::DISCOVER,
+                PINNED,
+                &[
+                    (opt::CLIENT_ID, &id),
+                    (opt::MAX_SIZE, &max.to_be_bytes()),
+                    (opt::CLIENT_ARCH, &[0, 7]),
+                ],
+            )))
+            .0
+        };
+        let big = ask(1500);
+        let wire = big.encode();
+        assert!(
+            wire.len() > 576 - 28,
+            "the test needs a big reply: {}",
+            wire.len()
+        );
+        assert_eq!(big.get(opt::CLIENT_ID), Some(&id[..]));
+        let small = ask(576);
+        let codes = wire_codes(&small.encode());
+        assert!(
+            small.encode().len() <= 576 - 28,
+            "{} bytes",
+            small.encode().len()
+        );
+        // What the node needs to boot is all still there.
+        for need in [53, 54, 51, 1, 3, 6, 66, 67] {
+            assert!(codes.contains(&need), "{need} dropped: {codes:?}");
+        }
     }
 
     #[test]
