@@ -520,3 +520,47 @@ fn build_with_compress_and_upload_from_the_environment() {
         .unwrap();
     assert!(gz.success());
 }
+
+/// One file of several failing: the error names it, its bucket and key, and says plainly
+/// which objects the earlier files already put in the bucket (a partial publish).
+#[test]
+fn a_failing_file_says_what_the_bucket_already_holds() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    // Sorted, the files go up as bootstrap-pxe.raw, bootstrap-pxe.raw.sha256, empty,
+    // extra/notes.txt: the last one fails.
+    let proxy = fault_proxy(moto.port, "notes.txt", Fault::Status500);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("2025-12-17");
+    artifacts(&dir);
+    let o = upload(&dir, &proxy.endpoint, &["--retries", "1", "--json"]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}\n{err}");
+    assert_eq!(proxy.injected.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    let line = errors[0];
+    let prefix = "s3://appliances/bootstrap/2025-12-17/";
+    // The failing file, its bucket and key, and why.
+    assert!(
+        line.contains("extra/notes.txt") && line.contains(&format!("{prefix}extra/notes.txt")),
+        "{line}"
+    );
+    assert!(line.contains("InternalError"), "{line}");
+    // What the bucket holds, as the other client lists it.
+    let keys = moto.keys(BUCKET);
+    assert_eq!(
+        keys,
+        [
+            "bootstrap/2025-12-17/bootstrap-pxe.raw",
+            "bootstrap/2025-12-17/bootstrap-pxe.raw.sha256",
+            "bootstrap/2025-12-17/empty",
+        ]
+    );
+    assert!(line.contains("incomplete publish"), "{line}");
+    assert!(line.contains("3 of the 4 objects"), "{line}");
+    for k in &keys {
+        assert!(line.contains(k.as_str()), "{k} not named: {line}");
+    }
+    assert!(moto.open_multipart_uploads(BUCKET).is_empty());
+}
