@@ -564,3 +564,61 @@ fn a_failing_file_says_what_the_bucket_already_holds() {
     }
     assert!(moto.open_multipart_uploads(BUCKET).is_empty());
 }
+
+/// A file rewritten while it is being uploaded: the run must fail rather than report a
+/// SHA-256 the object does not have (or leave an object that is neither version).
+#[test]
+fn a_file_that_changes_during_the_upload_fails() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    // Part 2 waits, so parts 3-5 are read from the file after it changed.
+    let proxy = fault_proxy(moto.port, "partNumber=2&", Fault::Delay(2500));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("2025-12-17");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bootstrap-pxe.raw");
+    let data = noise(21, 23 * MIB);
+    std::fs::write(&file, &data).unwrap();
+    let mut c = mk(&["upload"]);
+    c.arg(&dir).args([
+        "--bucket",
+        BUCKET,
+        "--endpoint",
+        &proxy.endpoint,
+        "--part-size-mib",
+        "5",
+        "--concurrency",
+        "1",
+        "--json",
+    ]);
+    let child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Rewrite the last part's bytes in place while part 2 is held up.
+    let start = std::time::Instant::now();
+    while proxy.injected.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(&[0xAA; 4096], (22 * MIB) as u64).unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = text(&o);
+    assert!(std::fs::read(&file).unwrap() != data);
+    assert!(
+        !o.status.success(),
+        "a changed file was reported as uploaded:\n{out}\n{err}"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains("changed while it was being uploaded")
+            && errors[0].contains("s3://appliances/bootstrap/2025-12-17/bootstrap-pxe.raw"),
+        "{err}"
+    );
+}

@@ -397,6 +397,7 @@ pub fn upload_dir(
                     }
                     _ => (it.path.clone(), it.size),
                 };
+                let before = FileState::of(&path)?;
                 // The whole file's digest for the report, hashed while it uploads.
                 let whole = {
                     let p = path.clone();
@@ -432,6 +433,16 @@ pub fn upload_dir(
                     bar.finish_and_clear();
                     true
                 };
+                // Parts, digest and read-back each read the file at their own time: they
+                // only agree if it stayed put.
+                if FileState::of(&path)? != before {
+                    bail!(
+                        "{} changed while it was being uploaded to s3://{bucket}/{key}: the \
+                         object and the reported SHA-256 may match neither version; upload it \
+                         again once it is complete",
+                        it.path.display()
+                    );
+                }
                 total += size;
                 let up = Uploaded {
                     file: it.path,
@@ -477,6 +488,25 @@ pub fn upload_dir(
         }
         Ok(done)
     })
+}
+
+/// What tells that a file was written to: size, inode, and modification and change times.
+#[derive(PartialEq, Eq)]
+struct FileState([i64; 6]);
+
+impl FileState {
+    fn of(path: &Path) -> Result<FileState> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(FileState([
+            m.len() as i64,
+            m.ino() as i64,
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        ]))
+    }
 }
 
 /// A failure after some files went up: the bucket holds a partial publish, so say which
