@@ -324,3 +324,94 @@ fn bad_arguments_fail_before_any_request() {
     assert!(!o.status.success());
     assert!(server.seen().is_empty());
 }
+
+fn fetch_ipxe(server: &FileServer, dir: &Path) -> Output {
+    let mut c = Command::new(bin());
+    hermetic_env(&mut c);
+    c.args([
+        "fetch",
+        "ipxe",
+        "--force",
+        "--quiet",
+        "--base-url",
+        &server.base,
+    ])
+    .arg("--dir")
+    .arg(dir);
+    c.output().unwrap()
+}
+
+/// A `.part` longer than the file (left by another, bigger download) gets 416 for its
+/// Range request: it must be replaced, not installed as it is (nothing pins undionly.kpxe).
+#[test]
+fn a_part_longer_than_the_file_is_downloaded_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let efi = noise(9, 150_000);
+    let kpxe = noise(10, 60_000);
+    let mut routes = HashMap::new();
+    routes.insert("/ipxe.efi".to_string(), Route::Body(efi.clone()));
+    routes.insert("/undionly.kpxe".to_string(), Route::Body(kpxe.clone()));
+    let server = file_server(routes);
+    let dir = tmp.path().join("cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut stale = kpxe.clone();
+    stale.extend_from_slice(&noise(11, 5_000));
+    std::fs::write(dir.join(".undionly.kpxe.part"), &stale).unwrap();
+    // And a .part exactly as long as the file is complete: no second GET for it.
+    std::fs::write(dir.join(".ipxe.efi.part"), &efi).unwrap();
+
+    let o = fetch_ipxe(&server, &dir);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(std::fs::read(dir.join("undionly.kpxe")).unwrap() == kpxe);
+    assert!(std::fs::read(dir.join("ipxe.efi")).unwrap() == efi);
+    let gets: Vec<Seen> = server.seen();
+    let kpxe_gets: Vec<_> = gets
+        .iter()
+        .filter(|s| s.path == "/undionly.kpxe")
+        .map(|s| s.range.clone())
+        .collect();
+    assert_eq!(
+        kpxe_gets,
+        vec![Some(format!("bytes={}-", stale.len())), None],
+        "{gets:?}"
+    );
+    assert_eq!(gets.iter().filter(|s| s.path == "/ipxe.efi").count(), 1);
+    let mut left = leftovers(&dir);
+    left.sort();
+    assert_eq!(left, ["ipxe.efi", "undionly.kpxe"]);
+}
+
+/// A 200 that is an HTML page is not the file, even when no digest would catch it; a
+/// redirect loop fails at once instead of being retried with backoff.
+#[test]
+fn an_html_page_or_a_redirect_loop_fails_without_installing_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut routes = HashMap::new();
+    routes.insert(
+        "/ipxe.efi".to_string(),
+        Route::Html(b"<!DOCTYPE html><html><body>Please log in</body></html>".to_vec()),
+    );
+    let server = file_server(routes);
+    let dir = tmp.path().join("cache");
+    let o = fetch_ipxe(&server, &dir);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("/ipxe.efi") && err.contains("text/html"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
+
+    let mut routes = HashMap::new();
+    routes.insert("/ipxe.efi".to_string(), Route::Redirect("/ipxe.efi".into()));
+    let server = file_server(routes);
+    let o = fetch_ipxe(&server, &dir);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("redirect"), "{err}");
+    // One try's worth of hops (ureq follows 10), not one per retry.
+    let hops = server.seen().len();
+    assert!((2..=12).contains(&hops), "{hops} requests");
+    assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
+}

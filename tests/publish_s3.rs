@@ -520,3 +520,105 @@ fn build_with_compress_and_upload_from_the_environment() {
         .unwrap();
     assert!(gz.success());
 }
+
+/// One file of several failing: the error names it, its bucket and key, and says plainly
+/// which objects the earlier files already put in the bucket (a partial publish).
+#[test]
+fn a_failing_file_says_what_the_bucket_already_holds() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    // Sorted, the files go up as bootstrap-pxe.raw, bootstrap-pxe.raw.sha256, empty,
+    // extra/notes.txt: the last one fails.
+    let proxy = fault_proxy(moto.port, "notes.txt", Fault::Status500);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("2025-12-17");
+    artifacts(&dir);
+    let o = upload(&dir, &proxy.endpoint, &["--retries", "1", "--json"]);
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "{out}\n{err}");
+    assert_eq!(proxy.injected.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    let line = errors[0];
+    let prefix = "s3://appliances/bootstrap/2025-12-17/";
+    // The failing file, its bucket and key, and why.
+    assert!(
+        line.contains("extra/notes.txt") && line.contains(&format!("{prefix}extra/notes.txt")),
+        "{line}"
+    );
+    assert!(line.contains("InternalError"), "{line}");
+    // What the bucket holds, as the other client lists it.
+    let keys = moto.keys(BUCKET);
+    assert_eq!(
+        keys,
+        [
+            "bootstrap/2025-12-17/bootstrap-pxe.raw",
+            "bootstrap/2025-12-17/bootstrap-pxe.raw.sha256",
+            "bootstrap/2025-12-17/empty",
+        ]
+    );
+    assert!(line.contains("incomplete publish"), "{line}");
+    assert!(line.contains("3 of the 4 objects"), "{line}");
+    for k in &keys {
+        assert!(line.contains(k.as_str()), "{k} not named: {line}");
+    }
+    assert!(moto.open_multipart_uploads(BUCKET).is_empty());
+}
+
+/// A file rewritten while it is being uploaded: the run must fail rather than report a
+/// SHA-256 the object does not have (or leave an object that is neither version).
+#[test]
+fn a_file_that_changes_during_the_upload_fails() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    // Part 2 waits, so parts 3-5 are read from the file after it changed.
+    let proxy = fault_proxy(moto.port, "partNumber=2&", Fault::Delay(2500));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("2025-12-17");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bootstrap-pxe.raw");
+    let data = noise(21, 23 * MIB);
+    std::fs::write(&file, &data).unwrap();
+    let mut c = mk(&["upload"]);
+    c.arg(&dir).args([
+        "--bucket",
+        BUCKET,
+        "--endpoint",
+        &proxy.endpoint,
+        "--part-size-mib",
+        "5",
+        "--concurrency",
+        "1",
+        "--json",
+    ]);
+    let child = c
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Rewrite the last part's bytes in place while part 2 is held up.
+    let start = std::time::Instant::now();
+    while proxy.injected.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(&[0xAA; 4096], (22 * MIB) as u64).unwrap();
+    }
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = text(&o);
+    assert!(std::fs::read(&file).unwrap() != data);
+    assert!(
+        !o.status.success(),
+        "a changed file was reported as uploaded:\n{out}\n{err}"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains("changed while it was being uploaded")
+            && errors[0].contains("s3://appliances/bootstrap/2025-12-17/bootstrap-pxe.raw"),
+        "{err}"
+    );
+}

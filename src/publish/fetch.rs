@@ -197,9 +197,19 @@ fn attempt(
     if have > 0 {
         req = req.header("Range", format!("bytes={have}-"));
     }
-    let resp = req
-        .call()
-        .map_err(|e| Attempt::Retry(anyhow::Error::new(e).context(format!("GET {url}"))))?;
+    let resp = req.call().map_err(|e| {
+        // A redirect loop or a broken redirect is the same on every try.
+        let permanent = matches!(
+            e,
+            ureq::Error::TooManyRedirects | ureq::Error::RedirectFailed
+        );
+        let e = anyhow::Error::new(e).context(format!("GET {url}"));
+        if permanent {
+            Attempt::Fatal(e)
+        } else {
+            Attempt::Retry(e)
+        }
+    })?;
     let status = resp.status().as_u16();
     let header = |n: &str| {
         resp.headers()
@@ -223,13 +233,42 @@ fn attempt(
                 )));
             }
         },
-        // The .part already holds everything: let the checksum judge it.
-        416 if have > 0 => return Ok(()),
+        416 if have > 0 => {
+            // Complete only if the file is exactly as long as the .part; a longer .part
+            // (left by another file) would otherwise be installed, unchecked when nothing
+            // pins a digest. Start over from an empty .part.
+            let total = header("content-range")
+                .as_deref()
+                .and_then(|v| v.trim().strip_prefix("bytes */"))
+                .and_then(|t| t.trim().parse::<u64>().ok());
+            if total == Some(have) {
+                return Ok(());
+            }
+            drop(resp);
+            std::fs::remove_file(part).map_err(|e| {
+                Attempt::Fatal(anyhow::Error::new(e).context(format!(
+                    "removing {}, which is longer than {url}",
+                    part.display()
+                )))
+            })?;
+            return attempt(agent, url, part, bar);
+        }
         500..=599 | 408 | 429 => {
             return Err(Attempt::Retry(anyhow::anyhow!("GET {url}: HTTP {status}")))
         }
         _ => return Err(Attempt::Fatal(anyhow::anyhow!("GET {url}: HTTP {status}"))),
     };
+    // An error or login page sent with 200 (a captive portal, a moved asset) is never
+    // the file; refuse it even when no digest is there to catch it.
+    if let Some(ct) = header("content-type").filter(|c| {
+        c.trim_start()
+            .get(..9)
+            .is_some_and(|t| t.eq_ignore_ascii_case("text/html"))
+    }) {
+        return Err(Attempt::Fatal(anyhow::anyhow!(
+            "GET {url}: the server sent a web page (Content-Type: {ct}), not the file"
+        )));
+    }
     let fatal = |e: io::Error, what: &str| {
         Attempt::Fatal(anyhow::Error::new(e).context(format!("{what} {}", part.display())))
     };

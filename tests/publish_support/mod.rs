@@ -414,6 +414,10 @@ pub enum Route {
     /// Serve the body, but cut the connection after this many bytes the first `times`
     /// times the path is fetched without a Range header.
     CutAfter(Vec<u8>, usize, usize),
+    /// Answer 200 with this body as `text/html` (a login or error page).
+    Html(Vec<u8>),
+    /// Answer 302 to this location.
+    Redirect(String),
 }
 
 /// A request the file server saw: path and Range header.
@@ -489,6 +493,23 @@ fn serve(
     let (body, cut) = match route {
         None => return status(&mut w, 404),
         Some(Route::Status(s)) => return status(&mut w, s),
+        Some(Route::Html(b)) => {
+            write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                b.len()
+            )?;
+            w.write_all(&b)?;
+            w.flush()?;
+            return w.shutdown(std::net::Shutdown::Both);
+        }
+        Some(Route::Redirect(to)) => {
+            write!(
+                w,
+                "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
+            return w.shutdown(std::net::Shutdown::Both);
+        }
         Some(Route::Body(b)) => (b, None),
         Some(Route::CutAfter(b, n, _)) if range.is_none() => (b, Some(n)),
         Some(Route::CutAfter(b, _, _)) => (b, None),

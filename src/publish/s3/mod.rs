@@ -375,88 +375,106 @@ pub fn upload_dir(
         let start = Instant::now();
         let mut total = 0u64;
         let mut done = Vec::new();
+        let n_files = plan.len();
         for (it, key, encrypted) in plan {
-            interrupt::check()?;
-            let (path, size) = match (&recipients, &scratch, encrypted) {
-                (Some(r), Some(sd), true) => {
-                    let dest = sd.path().join(format!(
-                        "{}.{}",
-                        it.rel.replace('/', "_"),
-                        encrypt::EXTENSION
-                    ));
-                    let (src, r) = (it.path.clone(), r.clone());
-                    let d = dest.clone();
-                    tokio::task::spawn_blocking(move || encrypt::encrypt_file(&src, &d, &r))
-                        .await
-                        .context("encryption task")??;
-                    let size = std::fs::metadata(&dest)?.len();
-                    (dest, size)
-                }
-                _ => (it.path.clone(), it.size),
-            };
-            // The whole file's digest for the report, hashed while it uploads.
-            let whole = {
-                let p = path.clone();
-                tokio::task::spawn_blocking(move || verify::hash_file(&p))
-            };
-            let target = transfer::Target {
-                client: client.clone(),
-                bucket: bucket.clone(),
-                key: key.clone(),
-            };
-            let bar = super::bytes_bar(size, &it.rel, run.quiet);
-            let parts = transfer::upload_file(&target, s3, &path, size, part_bytes, &bar)
-                .await
-                .with_context(|| {
-                    format!("uploading {} to s3://{bucket}/{key}", it.path.display())
-                })?;
-            bar.finish_and_clear();
-            let sha256 = whole.await.context("hashing task")??;
-            let verified = if s3.no_verify {
-                false
-            } else {
-                let bar = super::bytes_bar(size, &format!("verifying {}", it.rel), run.quiet);
-                verify::verify(
-                    &target,
-                    &path,
-                    size,
-                    part_size_for(size, part_bytes).max(s3.verify_range_mib.max(1) << 20),
-                    s3.concurrency,
-                    &bar,
-                )
-                .await
-                .with_context(|| format!("verifying s3://{bucket}/{key}"))?;
-                bar.finish_and_clear();
-                true
-            };
-            total += size;
-            let up = Uploaded {
-                file: it.path,
-                url: url_of(&key),
-                key,
-                size,
-                sha256: Some(sha256),
-                parts,
-                encrypted,
-                verified,
-            };
-            if run.print {
-                println!(
-                    "{} ({}{}{})",
-                    up.url,
-                    util::human_size(size),
-                    if parts > 0 {
-                        format!(", {parts} parts")
-                    } else {
-                        String::new()
-                    },
-                    if verified {
-                        ", size and sha256 verified"
-                    } else {
-                        ""
+            // Each file in its own block, so that a failure can say what is already up.
+            let one: Result<Uploaded> = async {
+                interrupt::check()?;
+                let (path, size) = match (&recipients, &scratch, encrypted) {
+                    (Some(r), Some(sd), true) => {
+                        let dest = sd.path().join(format!(
+                            "{}.{}",
+                            it.rel.replace('/', "_"),
+                            encrypt::EXTENSION
+                        ));
+                        let (src, r) = (it.path.clone(), r.clone());
+                        let d = dest.clone();
+                        tokio::task::spawn_blocking(move || encrypt::encrypt_file(&src, &d, &r))
+                            .await
+                            .context("encryption task")??;
+                        let size = std::fs::metadata(&dest)?.len();
+                        (dest, size)
                     }
-                );
+                    _ => (it.path.clone(), it.size),
+                };
+                let before = FileState::of(&path)?;
+                // The whole file's digest for the report, hashed while it uploads.
+                let whole = {
+                    let p = path.clone();
+                    tokio::task::spawn_blocking(move || verify::hash_file(&p))
+                };
+                let target = transfer::Target {
+                    client: client.clone(),
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                };
+                let bar = super::bytes_bar(size, &it.rel, run.quiet);
+                let parts = transfer::upload_file(&target, s3, &path, size, part_bytes, &bar)
+                    .await
+                    .with_context(|| {
+                        format!("uploading {} to s3://{bucket}/{key}", it.path.display())
+                    })?;
+                bar.finish_and_clear();
+                let sha256 = whole.await.context("hashing task")??;
+                let verified = if s3.no_verify {
+                    false
+                } else {
+                    let bar = super::bytes_bar(size, &format!("verifying {}", it.rel), run.quiet);
+                    verify::verify(
+                        &target,
+                        &path,
+                        size,
+                        part_size_for(size, part_bytes).max(s3.verify_range_mib.max(1) << 20),
+                        s3.concurrency,
+                        &bar,
+                    )
+                    .await
+                    .with_context(|| format!("verifying s3://{bucket}/{key}"))?;
+                    bar.finish_and_clear();
+                    true
+                };
+                // Parts, digest and read-back each read the file at their own time: they
+                // only agree if it stayed put.
+                if FileState::of(&path)? != before {
+                    bail!(
+                        "{} changed while it was being uploaded to s3://{bucket}/{key}: the \
+                         object and the reported SHA-256 may match neither version; upload it \
+                         again once it is complete",
+                        it.path.display()
+                    );
+                }
+                total += size;
+                let up = Uploaded {
+                    file: it.path,
+                    url: url_of(&key),
+                    key,
+                    size,
+                    sha256: Some(sha256),
+                    parts,
+                    encrypted,
+                    verified,
+                };
+                if run.print {
+                    println!(
+                        "{} ({}{}{})",
+                        up.url,
+                        util::human_size(size),
+                        if parts > 0 {
+                            format!(", {parts} parts")
+                        } else {
+                            String::new()
+                        },
+                        if verified {
+                            ", size and sha256 verified"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                Ok(up)
             }
+            .await;
+            let up = one.map_err(|e| incomplete(e, &done, n_files, &bucket, &prefix))?;
             done.push(up);
         }
         if run.print {
@@ -470,6 +488,46 @@ pub fn upload_dir(
         }
         Ok(done)
     })
+}
+
+/// What tells that a file was written to: size, inode, and modification and change times.
+#[derive(PartialEq, Eq)]
+struct FileState([i64; 6]);
+
+impl FileState {
+    fn of(path: &Path) -> Result<FileState> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(FileState([
+            m.len() as i64,
+            m.ino() as i64,
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        ]))
+    }
+}
+
+/// A failure after some files went up: the bucket holds a partial publish, so say which
+/// objects it has (the error itself names the file that failed).
+fn incomplete(
+    e: anyhow::Error,
+    done: &[Uploaded],
+    n_files: usize,
+    bucket: &str,
+    prefix: &str,
+) -> anyhow::Error {
+    if done.is_empty() {
+        return e;
+    }
+    let keys: Vec<&str> = done.iter().map(|u| u.key.as_str()).collect();
+    e.context(format!(
+        "incomplete publish: s3://{bucket}/{prefix} now holds {} of the {n_files} objects ({}), \
+         uploaded before this failure; run again to upload everything",
+        done.len(),
+        keys.join(", ")
+    ))
 }
 
 async fn make_client(s3: &S3Args) -> Result<Client> {
