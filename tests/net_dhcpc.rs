@@ -284,3 +284,74 @@ fn no_uplink_nic_means_offline_and_says_why() {
     assert!(handle.upstreams().read().unwrap().is_empty());
     handle.stop();
 }
+
+/// The uplink cable moves to another network while the lease is still valid (T1 far
+/// away): when the link comes back the client must confirm its lease (INIT-REBOOT,
+/// RFC 2131 3.2), take the NAK, and get a lease on the new network at once, instead of
+/// keeping a dead address and gateway until T1.
+#[test]
+fn a_cable_moved_to_another_network_gets_a_new_lease_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, srv, _pxe) = topology("move");
+    // One dnsmasq serves whichever network its interface is on now.
+    dnsmasq(
+        &srv,
+        tmp.path(),
+        &[
+            "--interface=mkd-srv",
+            "--dhcp-authoritative",
+            "--log-dhcp",
+            "--no-ping",
+            "--dhcp-range=198.51.100.50,198.51.100.60,255.255.255.0,2m",
+            "--dhcp-range=203.0.113.50,203.0.113.60,255.255.255.0,2m",
+            "--dhcp-option=option:T1,100",
+            "--dhcp-option=option:T2,110",
+        ],
+    );
+    let cfg = appliance_config(Some(PXE_MAC), Some(UP_MAC));
+    let (handle, rx) = start_uplink(&app, &cfg);
+    let first = wait_state(&rx, Duration::from_secs(15), |s| {
+        matches!(s, UplinkState::Online(_))
+    });
+    let UplinkState::Online(first) = first else {
+        unreachable!()
+    };
+    assert_eq!(
+        first.address.addr.octets()[..3],
+        [198, 51, 100],
+        "{first:?}"
+    );
+
+    // Unplug, and plug into a 203.0.113.0/24 network.
+    srv.ip("link set mkd-srv down");
+    wait_for(Duration::from_secs(5), || {
+        app.ip("link show mkd-up")
+            .contains("NO-CARRIER")
+            .then_some(())
+    })
+    .expect("the uplink never lost its carrier");
+    std::thread::sleep(Duration::from_millis(500));
+    srv.ip("addr flush dev mkd-srv");
+    srv.ip("addr add 203.0.113.1/24 dev mkd-srv");
+    srv.ip("link set mkd-srv up");
+
+    let moved = wait_state(
+        &rx,
+        Duration::from_secs(20),
+        |s| matches!(s, UplinkState::Online(i) if i.address.addr.octets()[..3] == [203, 0, 113]),
+    );
+    let UplinkState::Online(moved) = moved else {
+        unreachable!()
+    };
+    assert_eq!(moved.gateway, Some(Ipv4Addr::new(203, 0, 113, 1)));
+    let addrs = ipv4_addrs(&app, "mkd-up");
+    assert_eq!(
+        addrs.iter().map(|a| a.0.as_str()).collect::<Vec<_>>(),
+        vec![moved.address.addr.to_string()],
+        "the old network's address must be gone"
+    );
+    let def = app.ip_json("route show default");
+    assert_eq!(def.as_array().unwrap().len(), 1, "{def}");
+    assert_eq!(def[0]["gateway"], "203.0.113.1");
+    handle.stop();
+}

@@ -105,3 +105,63 @@ fn relays_to_dnsmasq_and_servfails_without_upstream() {
     let again = ns.enter(|| dns::start("127.0.0.2:53".parse().unwrap(), empty.clone()));
     again.unwrap().stop();
 }
+
+/// Answers too big for 512 bytes: without EDNS the node gets dnsmasq's truncated answer
+/// (TC) and retries over TCP through us; with EDNS they come whole over UDP.
+#[test]
+fn big_answers_truncate_over_udp_and_come_whole_over_tcp_or_edns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ns = Netns::new("dnsbig");
+    let long = "x".repeat(200);
+    let records: Vec<String> = (0..4)
+        .map(|i| format!("--txt-record=big.test,{i}{long}"))
+        .collect();
+    let mut args = vec![
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--port=53",
+    ];
+    args.extend(records.iter().map(String::as_str));
+    dnsmasq(&ns, tmp.path(), &args);
+    let upstreams = Arc::new(RwLock::new(vec!["127.0.0.1:53"
+        .parse::<SocketAddr>()
+        .unwrap()]));
+    let fwd = ns.enter(|| dns::start("127.0.0.2:53".parse().unwrap(), upstreams.clone()).unwrap());
+    let query = |extra: &[&str]| {
+        let mut argv = vec![
+            "dig",
+            "@127.0.0.2",
+            "big.test",
+            "TXT",
+            "+time=3",
+            "+tries=1",
+        ];
+        argv.extend_from_slice(extra);
+        String::from_utf8_lossy(&ns.output(&argv).stdout).to_string()
+    };
+    let answers = |text: &str| text.lines().filter(|l| l.contains("\tTXT\t")).count();
+    wait_for(Duration::from_secs(5), || {
+        query(&["+bufsize=4096"])
+            .contains("status: NOERROR")
+            .then_some(())
+    })
+    .expect("dnsmasq did not come up");
+
+    let truncated = query(&["+noedns", "+ignore"]);
+    assert!(truncated.contains(" tc"), "no TC flag:\n{truncated}");
+    assert!(answers(&truncated) < 4, "{truncated}");
+    // dig retries a truncated answer over TCP by itself.
+    let retried = query(&["+noedns"]);
+    assert!(
+        retried.contains("Truncated, retrying in TCP mode"),
+        "{retried}"
+    );
+    assert_eq!(answers(&retried), 4, "{retried}");
+    let edns = query(&["+bufsize=4096"]);
+    assert_eq!(answers(&edns), 4, "{edns}");
+    assert!(
+        edns.contains("MSG SIZE  rcvd: ") && !edns.contains(" tc"),
+        "{edns}"
+    );
+    fwd.stop();
+}

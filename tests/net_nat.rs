@@ -50,6 +50,11 @@ const SERVE_RULESET: &str = "table ip mkappliance {
 \t\tiifname \"mkh-up\" ip daddr 192.168.50.0/23 ct state established,related accept
 \t\tiifname \"mkh-up\" ip daddr 192.168.50.0/23 drop
 \t}
+
+\tchain input {
+\t\ttype filter hook input priority filter; policy accept;
+\t\tiifname \"mkh-up\" ip daddr 192.168.50.0/23 drop
+\t}
 }
 ";
 
@@ -243,4 +248,61 @@ fn host_uplink_for_serve_adds_and_removes_nat() {
     host.enter(move || drop(guard));
     assert_eq!(ruleset(&host), "");
     assert_eq!(forwarding(), "0\n");
+}
+
+/// `serve --uplink` on a laptop: a LAN neighbour that routes the PXE subnet via the
+/// laptop's uplink address must not reach what listens on the PXE address (the machine
+/// configs over HTTP, the DNS forwarder). Linux's weak host model would deliver it.
+#[test]
+fn serve_uplink_keeps_the_pxe_address_away_from_the_lan() {
+    let host = Netns::new("nat-wh");
+    let lan = Netns::new("nat-wl");
+    veth(
+        &host,
+        "mkw-up",
+        "02:00:00:00:0e:31",
+        &lan,
+        "mkw-lan",
+        "02:00:00:00:0e:32",
+    );
+    let node = Netns::new("nat-wn");
+    veth(
+        &host,
+        "mkw-pxe",
+        "02:00:00:00:0e:33",
+        &node,
+        "mkw-node",
+        "02:00:00:00:0e:34",
+    );
+    host.ip("addr add 192.168.60.1/24 dev mkw-pxe");
+    for (ns, ifname) in [(&host, "mkw-pxe"), (&host, "mkw-up"), (&lan, "mkw-lan")] {
+        ns.ip(&format!("link set {ifname} up"));
+    }
+    host.ip("addr add 198.51.100.1/24 dev mkw-up");
+    lan.ip("addr add 198.51.100.2/24 dev mkw-lan");
+    lan.ip("route add 192.168.60.0/24 via 198.51.100.1");
+    let _http = HttpProbe::start(&host, "192.168.60.1:8082", "machine config");
+    let _lan_http = HttpProbe::start(&host, "198.51.100.1:8083", "on the LAN");
+    assert_eq!(
+        curl(&lan, "http://192.168.60.1:8082/").unwrap(),
+        "machine config",
+        "without our rules the weak host model delivers it (the premise of this test)"
+    );
+
+    let subnet = "192.168.60.1/24".parse().unwrap();
+    let guard = host.enter(|| HostUplink::enable("mkw-up", subnet)).unwrap();
+    assert!(
+        curl(&lan, "http://192.168.60.1:8082/").is_err(),
+        "the PXE address answered a LAN neighbour through the uplink"
+    );
+    // The laptop's own LAN services are not ours to block.
+    assert_eq!(
+        curl(&lan, "http://198.51.100.1:8083/").unwrap(),
+        "on the LAN"
+    );
+    host.enter(move || drop(guard));
+    assert_eq!(
+        curl(&lan, "http://192.168.60.1:8082/").unwrap(),
+        "machine config"
+    );
 }

@@ -1,6 +1,7 @@
 //! The uplink's DHCP client (RFC 2131): DISCOVER → OFFER → REQUEST → ACK, renewal at T1
-//! (unicast to the server), rebinding at T2 (broadcast), and a fresh start when the lease
-//! is refused or runs out. The lease becomes the uplink's address (with the lease as its
+//! (unicast to the server), rebinding at T2 (broadcast), a check of the lease when the
+//! cable comes back (INIT-REBOOT: it may be another network now), and a fresh start when
+//! the lease is refused or runs out. The lease becomes the uplink's address (with the lease as its
 //! kernel lifetime, so a stuck client cannot keep a stale address), its default route,
 //! and the DNS forwarder's upstream servers.
 //!
@@ -48,6 +49,12 @@ const RETRY_PAUSE: Duration = Duration::from_secs(2);
 const BROADCAST_MAC: [u8; 6] = [0xff; 6];
 /// Lease assumed when an ACK names none (RFC 2131 makes it mandatory; be lenient).
 const DEFAULT_LEASE_SECS: u32 = 3600;
+/// How often a bound client looks at the uplink's carrier.
+const CARRIER_POLL: Duration = Duration::from_secs(1);
+/// Waits for the ACK or NAK that confirms a lease once the cable is back (INIT-REBOOT).
+const CONFIRM_WAITS: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(4)];
+/// Link flag: the NIC has a carrier (a cable in, to something that is on).
+const IFF_LOWER_UP: u32 = libc::IFF_LOWER_UP as u32;
 
 /// What the client runs on.
 #[derive(Debug, Clone)]
@@ -357,11 +364,21 @@ impl Client {
     /// BOUND → RENEWING → REBINDING: extend the lease or report it lost.
     fn keep(&mut self, l: &Lease) -> Flow<Kept> {
         let (Some(t1), Some(t2), Some(end)) = (l.at(l.t1), l.at(l.t2), l.at(l.lease_secs)) else {
-            // An infinite lease: nothing to do until we are stopped.
-            self.idle_until(None)?;
-            return Err(Stopped);
+            // An infinite lease: only a cable plugged in again can change it.
+            loop {
+                self.bound_until(None)?;
+                if let Some(k) = self.confirm(l)? {
+                    return Ok(k);
+                }
+            }
         };
-        self.idle_until(Some(t1))?;
+        // BOUND. The cable may come back on another network: confirm the lease then,
+        // rather than keep a dead address and gateway until T1.
+        while self.bound_until(Some(t1))? {
+            if let Some(k) = self.confirm(l)? {
+                return Ok(k);
+            }
+        }
         // RENEWING: unicast to the server that granted the lease.
         while Instant::now() < t2 {
             if let Some(k) = self.extend(l, Some(l.server), t2)? {
@@ -378,6 +395,85 @@ impl Client {
             "DHCP lease of {} on {} expired",
             l.address, self.s.ifname
         )))
+    }
+
+    /// Wait until `deadline` (or forever); true as soon as the uplink's carrier comes back
+    /// after it was lost.
+    fn bound_until(&mut self, deadline: Option<Instant>) -> Flow<bool> {
+        let (mut had, mut changes) = self.carrier();
+        loop {
+            let step = match deadline {
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .min(CARRIER_POLL),
+                None => CARRIER_POLL,
+            };
+            if step.is_zero() {
+                return Ok(false);
+            }
+            self.idle_until(Some(Instant::now() + step))?;
+            let (now, now_changes) = self.carrier();
+            // Up again after being down, even if the unplug was shorter than our poll.
+            let replugged = now == Some(true)
+                && (had == Some(false) || (changes.is_some() && now_changes != changes));
+            if replugged {
+                return Ok(true);
+            }
+            had = now.or(had);
+            changes = now_changes.or(changes);
+        }
+    }
+
+    /// Whether the uplink has a carrier, and its count of carrier changes; `None` for
+    /// what the kernel cannot tell us.
+    fn carrier(&mut self) -> (Option<bool>, Option<u32>) {
+        let link = self
+            .rtnl
+            .links()
+            .ok()
+            .and_then(|links| links.into_iter().find(|l| l.index == self.s.index));
+        match link {
+            Some(l) => (Some(l.flags & IFF_LOWER_UP != 0), l.carrier_changes),
+            None => (None, None),
+        }
+    }
+
+    /// INIT-REBOOT (RFC 2131 4.3.2, 4.4.2): ask whoever is on the link now to confirm the
+    /// lease. A NAK (another network) loses it; silence keeps it (the RFC allows that).
+    fn confirm(&mut self, l: &Lease) -> Flow<Option<Kept>> {
+        let xid = random_u32();
+        for wait in CONFIRM_WAITS {
+            let sent = Instant::now();
+            self.send_broadcast(&Request {
+                kind: wire::REQUEST,
+                xid,
+                secs: 0,
+                mac: self.s.mac,
+                ciaddr: Ipv4Addr::UNSPECIFIED,
+                requested: Some(l.address),
+                server_id: None,
+                hostname: Some(HOSTNAME),
+            });
+            let reply = self.wait_reply(xid, sent + wait, |r| {
+                r.kind == wire::ACK || r.kind == wire::NAK
+            })?;
+            match reply {
+                Some((r, src, mac)) if r.kind == wire::ACK => {
+                    return Ok(Some(match Lease::from_ack(&r, src, mac, sent) {
+                        Ok(n) => Kept::Renewed(n),
+                        Err(e) => Kept::Lost(format!("{e:#}")),
+                    }));
+                }
+                Some(_) => {
+                    return Ok(Some(Kept::Lost(format!(
+                        "the network on {} changed: DHCP server refused {}",
+                        self.s.ifname, l.address
+                    ))));
+                }
+                None => {}
+            }
+        }
+        Ok(None)
     }
 
     /// One renewing (to `server`) or rebinding (broadcast) REQUEST before `until`.

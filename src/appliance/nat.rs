@@ -12,9 +12,12 @@
 //!         iifname "UPLINK" ip daddr PXE_SUBNET ct state established,related accept
 //!         iifname "UPLINK" ip daddr PXE_SUBNET drop
 //!     }
-//!     chain input {                  # only with `guard_input` (the appliance, not `serve`)
+//!     chain input {                  # with `guard_input` (the appliance)
 //!         iifname "UPLINK" ct state established,related accept
 //!         iifname "UPLINK" drop
+//!     }
+//!     chain input {                  # without it (`serve --uplink` on a laptop)
+//!         iifname "UPLINK" ip daddr PXE_SUBNET drop
 //!     }
 //! }
 //! ```
@@ -121,7 +124,8 @@ pub struct NatRules {
 }
 
 /// Masquerade the PXE subnet out of `uplink_ifname` and keep unsolicited uplink traffic
-/// away from the PXE subnet (no input guard: what `mkappliance serve --uplink` wants).
+/// away from the PXE subnet and address (no input guard for the rest of the host: what
+/// `mkappliance serve --uplink` wants).
 pub fn enable(pxe_subnet: Ipv4Cidr, uplink_ifname: &str) -> Result<()> {
     enable_rules(&NatRules {
         pxe_subnet,
@@ -255,11 +259,26 @@ impl Batch {
             ),
         );
 
-        if rules.guard_input {
+        b.add(
+            sock,
+            &chain_msg(CHAIN_INPUT, "filter", NF_INET_LOCAL_IN, PRIORITY_FILTER),
+        );
+        if !rules.guard_input {
+            // Even a host that serves its LAN must not answer on the PXE address from
+            // the uplink (weak host model): that is where the machine configs are served.
             b.add(
                 sock,
-                &chain_msg(CHAIN_INPUT, "filter", NF_INET_LOCAL_IN, PRIORITY_FILTER),
+                &rule_msg(
+                    CHAIN_INPUT,
+                    &[
+                        ifname_is(NFT_META_IIFNAME, up),
+                        ip_in(IPV4_DADDR, subnet),
+                        vec![Expr::Verdict(NF_DROP)],
+                    ]
+                    .concat(),
+                ),
             );
+        } else {
             b.add(
                 sock,
                 &rule_msg(

@@ -21,6 +21,7 @@ const RTM_GETROUTE: u16 = 26;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINKINFO: u16 = 18;
+const IFLA_CARRIER_CHANGES: u16 = 35;
 const IFLA_INFO_KIND: u16 = 1;
 
 // Address attributes (include/uapi/linux/if_addr.h).
@@ -63,6 +64,9 @@ pub struct Link {
     pub flags: u32,
     /// Driver kind for virtual links (`veth`, `bond`, `dummy`…); physical NICs have none.
     pub kind: Option<String>,
+    /// How often the carrier came or went since the link was created (a brief unplug
+    /// between two looks at `flags` still counts).
+    pub carrier_changes: Option<u32>,
 }
 
 /// An IPv4 address on a link.
@@ -306,11 +310,15 @@ fn parse_link(p: &[u8]) -> Option<Link> {
         link_type,
         flags,
         kind: None,
+        carrier_changes: None,
     };
     for (ty, data) in attrs(p.get(16..)?) {
         match ty {
             IFLA_IFNAME => link.name = attr_string(data),
             IFLA_ADDRESS if data.len() == 6 => link.mac = data.try_into().ok(),
+            IFLA_CARRIER_CHANGES => {
+                link.carrier_changes = data.try_into().ok().map(u32::from_ne_bytes)
+            }
             IFLA_LINKINFO => {
                 link.kind = attrs(data)
                     .find(|(t, _)| *t == IFLA_INFO_KIND)
@@ -404,7 +412,8 @@ mod tests {
             .attr(IFLA_ADDRESS, &[2, 0, 0, 0, 0, 9])
             .nested(IFLA_LINKINFO, |m| {
                 m.attr_str(IFLA_INFO_KIND, "veth");
-            });
+            })
+            .attr(IFLA_CARRIER_CHANGES, &3u32.to_ne_bytes());
         let b = m.finish(1);
         let l = parse_link(&b[16..]).unwrap();
         assert_eq!(
@@ -416,6 +425,7 @@ mod tests {
                 link_type: ARPHRD_ETHER,
                 flags: IFF_UP,
                 kind: Some("veth".into()),
+                carrier_changes: Some(3),
             }
         );
     }
