@@ -1,9 +1,9 @@
 //! The uplink's DHCP client (RFC 2131): DISCOVER → OFFER → REQUEST → ACK, renewal at T1
 //! (unicast to the server), rebinding at T2 (broadcast), a check of the lease when the
 //! cable comes back (INIT-REBOOT: it may be another network now), and a fresh start when
-//! the lease is refused or runs out. The lease becomes the uplink's address (with the lease as its
-//! kernel lifetime, so a stuck client cannot keep a stale address), its default route,
-//! and the DNS forwarder's upstream servers.
+//! the lease is refused or runs out. The lease becomes the uplink's address (with the
+//! lease as its kernel lifetime, so a stuck client cannot keep a stale address), its
+//! default route, and the DNS forwarder's upstream servers.
 //!
 //! It talks through an `AF_PACKET` socket on the uplink alone: it works before the link
 //! has an address, sees replies before netfilter (the appliance's input guard drops
