@@ -355,3 +355,46 @@ fn a_cable_moved_to_another_network_gets_a_new_lease_at_once() {
     assert_eq!(def[0]["gateway"], "203.0.113.1");
     handle.stop();
 }
+
+/// A client that found no carrier backs off to long waits between DISCOVERs; the cable
+/// plugged in must get a lease at once, not at the end of the wait it is in.
+#[test]
+fn a_cable_plugged_in_after_a_long_wait_gets_a_lease_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (app, srv, _pxe) = topology("plug");
+    dnsmasq(
+        &srv,
+        tmp.path(),
+        &[
+            "--interface=mkd-srv",
+            "--dhcp-authoritative",
+            "--no-ping",
+            "--dhcp-range=198.51.100.50,198.51.100.60,255.255.255.0,2m",
+        ],
+    );
+    // Up at our end, no carrier: the cable is out.
+    srv.ip("link set mkd-srv down");
+    app.ip("link set mkd-up up");
+    wait_for(Duration::from_secs(5), || {
+        app.ip("link show mkd-up")
+            .contains("NO-CARRIER")
+            .then_some(())
+    })
+    .expect("the uplink has a carrier with the other end down");
+    let cfg = appliance_config(Some(PXE_MAC), Some(UP_MAC));
+    let (handle, rx) = start_uplink(&app, &cfg);
+    // DISCOVERs after 2, 4 and 8 s (each + up to 1 s): at 19 s the client is in its
+    // 16 s wait, which ends at 30-34 s.
+    std::thread::sleep(Duration::from_secs(19));
+    srv.ip("link set mkd-srv up");
+    let plugged = std::time::Instant::now();
+    wait_state(&rx, Duration::from_secs(8), |s| {
+        matches!(s, UplinkState::Online(_))
+    });
+    assert!(
+        plugged.elapsed() < Duration::from_secs(6),
+        "a lease {:?} after the cable went in",
+        plugged.elapsed()
+    );
+    handle.stop();
+}

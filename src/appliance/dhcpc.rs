@@ -56,6 +56,28 @@ const CONFIRM_WAITS: [Duration; 2] = [Duration::from_secs(2), Duration::from_sec
 /// Link flag: the NIC has a carrier (a cable in, to something that is on).
 const IFF_LOWER_UP: u32 = libc::IFF_LOWER_UP as u32;
 
+/// Notices the uplink's cable coming back: the carrier up after a look that found it
+/// down, or the kernel's count of carrier changes moved (an unplug between two looks).
+struct CarrierWatch {
+    up: Option<bool>,
+    changes: Option<u32>,
+}
+
+impl CarrierWatch {
+    fn new((up, changes): (Option<bool>, Option<u32>)) -> CarrierWatch {
+        CarrierWatch { up, changes }
+    }
+
+    /// Take the next look; whether the cable came back since the last one.
+    fn replugged(&mut self, (up, changes): (Option<bool>, Option<u32>)) -> bool {
+        let back = up == Some(true)
+            && (self.up == Some(false) || (self.changes.is_some() && changes != self.changes));
+        self.up = up.or(self.up);
+        self.changes = changes.or(self.changes);
+        back
+    }
+}
+
 /// What the client runs on.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -290,10 +312,27 @@ impl Client {
                 hostname: Some(HOSTNAME),
             });
             let jitter = Duration::from_millis((random_u32() % 1000) as u64);
-            let offer = self.wait_reply(xid, Instant::now() + wait + jitter, |r| {
-                r.kind == wire::OFFER && !r.yiaddr.is_unspecified()
-            })?;
-            wait = (wait * 2).min(DISCOVER_MAX);
+            let deadline = Instant::now() + wait + jitter;
+            // Looking at the carrier between slices: a cable plugged in (again) is worth a
+            // DISCOVER now, not at the end of a wait that has grown to a minute.
+            let mut watch = CarrierWatch::new(self.carrier());
+            let (offer, replugged) = loop {
+                let slice = (Instant::now() + CARRIER_POLL).min(deadline);
+                let offer = self.wait_reply(xid, slice, |r| {
+                    r.kind == wire::OFFER && !r.yiaddr.is_unspecified()
+                })?;
+                if offer.is_some() || Instant::now() >= deadline {
+                    break (offer, false);
+                }
+                if watch.replugged(self.carrier()) {
+                    break (None, true);
+                }
+            };
+            wait = if replugged {
+                DISCOVER_FIRST
+            } else {
+                (wait * 2).min(DISCOVER_MAX)
+            };
             if let Some((offer, src, _)) = offer {
                 let server = offer.ip(wire::OPT_SERVER_ID).unwrap_or(src);
                 if let Some(lease) = self.select(xid, secs, &offer, server)? {
@@ -400,7 +439,7 @@ impl Client {
     /// Wait until `deadline` (or forever); true as soon as the uplink's carrier comes back
     /// after it was lost.
     fn bound_until(&mut self, deadline: Option<Instant>) -> Flow<bool> {
-        let (mut had, mut changes) = self.carrier();
+        let mut watch = CarrierWatch::new(self.carrier());
         loop {
             let step = match deadline {
                 Some(d) => d
@@ -412,15 +451,9 @@ impl Client {
                 return Ok(false);
             }
             self.idle_until(Some(Instant::now() + step))?;
-            let (now, now_changes) = self.carrier();
-            // Up again after being down, even if the unplug was shorter than our poll.
-            let replugged = now == Some(true)
-                && (had == Some(false) || (changes.is_some() && now_changes != changes));
-            if replugged {
+            if watch.replugged(self.carrier()) {
                 return Ok(true);
             }
-            had = now.or(had);
-            changes = now_changes.or(changes);
         }
     }
 
@@ -713,6 +746,27 @@ mod tests {
 
         let forever = Lease::from_ack(&ack(&[(51, &[0xff; 4])]), src, [0; 6], now).unwrap();
         assert_eq!(forever.at(forever.t1), None);
+    }
+
+    #[test]
+    fn a_cable_back_is_noticed_once() {
+        let mut w = CarrierWatch::new((Some(false), Some(4)));
+        assert!(!w.replugged((Some(false), Some(4))), "still out");
+        assert!(w.replugged((Some(true), Some(5))), "plugged in");
+        assert!(!w.replugged((Some(true), Some(5))), "noticed once");
+        // Out and in again between two looks: only the count tells.
+        assert!(w.replugged((Some(true), Some(7))));
+        // Out at this look: not back yet.
+        assert!(!w.replugged((Some(false), Some(8))));
+        // A kernel without the count: only a look that saw it down tells.
+        let mut w = CarrierWatch::new((Some(true), None));
+        assert!(!w.replugged((Some(true), None)));
+        assert!(!w.replugged((Some(false), None)));
+        assert!(w.replugged((Some(true), None)));
+        // A failed look changes nothing.
+        let mut w = CarrierWatch::new((Some(false), Some(1)));
+        assert!(!w.replugged((None, None)));
+        assert!(w.replugged((Some(true), Some(2))));
     }
 
     #[test]
