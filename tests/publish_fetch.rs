@@ -415,3 +415,134 @@ fn an_html_page_or_a_redirect_loop_fails_without_installing_anything() {
     assert!((2..=12).contains(&hops), "{hops} requests");
     assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
 }
+
+/// nginx, the real peer for `If-Range`: serving `root` on 127.0.0.1 at 100 KB/s (slow
+/// enough to stop a download halfway), logging each request's URI, status, Range and
+/// If-Range to `access.log`. Killed when dropped.
+struct Nginx(std::process::Child, String);
+
+impl Nginx {
+    fn start(dir: &Path, root: &Path) -> Nginx {
+        let port = free_port();
+        let conf = dir.join("nginx.conf");
+        let d = dir.display();
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{ worker_connections 16; }}\n\
+                 http {{\n  log_format r '$uri $status \"$http_range\" \"$http_if_range\"';\n  \
+                 access_log {d}/access.log r;\n  client_body_temp_path {d}/body;\n  \
+                 proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+                 uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+                 default_type application/octet-stream;\n  server {{\n    \
+                 listen 127.0.0.1:{port};\n    root {};\n    limit_rate 100k;\n  }}\n}}\n",
+                root.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir)
+            .spawn()
+            .expect("nginx");
+        wait_for_port(port, "nginx");
+        Nginx(child, format!("http://127.0.0.1:{port}"))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stop a download of nginx's `ipxe.efi` about a third of the way, let `change` alter the
+/// served tree, run `fetch ipxe` again; returns the file it installed, what the file was
+/// at first, and nginx's log lines for `ipxe.efi`.
+fn resume_from_nginx(change: impl FnOnce(&Path)) -> (Vec<u8>, Vec<u8>, Vec<String>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("www");
+    std::fs::create_dir(&root).unwrap();
+    let old = noise(21, 300_000);
+    std::fs::write(root.join("ipxe.efi"), &old).unwrap();
+    std::fs::write(root.join("undionly.kpxe"), noise(23, 1000)).unwrap();
+    let nginx = Nginx::start(tmp.path(), &root);
+    let out = tmp.path().join("cache");
+    let run = |out: &Path| {
+        let mut c = Command::new(bin());
+        hermetic_env(&mut c);
+        c.args([
+            "fetch",
+            "ipxe",
+            "--force",
+            "--quiet",
+            "--base-url",
+            &nginx.1,
+        ])
+        .arg("--dir")
+        .arg(out);
+        c
+    };
+    let mut first = run(&out).spawn().unwrap();
+    let part = out.join(".ipxe.efi.part");
+    let t = std::time::Instant::now();
+    while std::fs::metadata(&part).map_or(0, |m| m.len()) < 50_000 {
+        assert!(
+            t.elapsed().as_secs() < 10,
+            "no .part after {:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let kept = std::fs::read(&part).unwrap();
+    assert!(
+        kept.len() < old.len() && old.starts_with(&kept),
+        "{}",
+        kept.len()
+    );
+    change(&root);
+    let o = run(&out).output().unwrap();
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(leftovers(&out).len(), 2, "{:?}", leftovers(&out));
+    let log = std::fs::read_to_string(tmp.path().join("access.log")).unwrap();
+    let gets = log
+        .lines()
+        .filter(|l| l.starts_with("/ipxe.efi "))
+        .map(str::to_string)
+        .collect();
+    (std::fs::read(out.join("ipxe.efi")).unwrap(), old, gets)
+}
+
+/// A download stopped halfway, then the file changed on the server (a new iPXE build):
+/// the next run must not append the new file's end to the old one's start. Nothing pins
+/// iPXE's digest, so only `If-Range` (with nginx's ETag) can tell.
+#[test]
+fn a_resumed_download_of_a_file_changed_since_is_fetched_whole() {
+    let new = noise(22, 300_000);
+    let (got, _, gets) = resume_from_nginx(|root| {
+        // nginx's ETag is the file's mtime (in seconds) and size.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        std::fs::write(root.join("ipxe.efi"), &new).unwrap();
+    });
+    assert!(
+        got == new,
+        "the old start with the new end was installed: {gets:?}"
+    );
+    assert!(gets.last().unwrap().contains(" 200 "), "{gets:?}");
+}
+
+/// The same stop with the file unchanged: the next run asks for the rest only (206).
+#[test]
+fn a_resumed_download_of_an_unchanged_file_fetches_only_the_rest() {
+    let (got, old, gets) = resume_from_nginx(|_| {});
+    assert!(got == old);
+    let last = gets.last().unwrap();
+    assert!(last.contains(" 206 \"bytes="), "{gets:?}");
+    assert!(!last.ends_with("\"-\""), "no If-Range was sent: {gets:?}");
+}

@@ -150,6 +150,24 @@ fn part_path(dest: &Path) -> Result<PathBuf> {
     Ok(dest.with_file_name(format!(".{}.part", name.to_string_lossy())))
 }
 
+/// Beside a `.part`: what the server called the version it holds the start of (a strong
+/// ETag or its Last-Modified), sent as `If-Range` on resume so that a file changed on
+/// the server since is fetched whole instead of appended to the old start.
+fn validator_path(part: &Path) -> PathBuf {
+    let mut p = part.as_os_str().to_owned();
+    p.push(".validator");
+    PathBuf::from(p)
+}
+
+/// Remove a `.part` and its validator.
+fn remove_part(part: &Path) -> io::Result<()> {
+    let _ = std::fs::remove_file(validator_path(part));
+    match std::fs::remove_file(part) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Hash a file's current content.
 fn digests_of(path: &Path) -> Result<(Sha256, Sha512, u64)> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -196,6 +214,9 @@ fn attempt(
     let mut req = agent.get(url);
     if have > 0 {
         req = req.header("Range", format!("bytes={have}-"));
+        if let Ok(v) = std::fs::read_to_string(validator_path(part)) {
+            req = req.header("If-Range", v.trim());
+        }
     }
     let resp = req.call().map_err(|e| {
         // A redirect loop or a broken redirect is the same on every try.
@@ -226,7 +247,7 @@ fn attempt(
             Some((s, total)) if s == have => (have, total),
             _ => {
                 // A range we didn't ask for: start over rather than guess.
-                let _ = std::fs::remove_file(part);
+                let _ = remove_part(part);
                 return Err(Attempt::Retry(anyhow::anyhow!(
                     "GET {url}: the server answered the Range request with {:?}",
                     header("content-range")
@@ -245,7 +266,7 @@ fn attempt(
                 return Ok(());
             }
             drop(resp);
-            std::fs::remove_file(part).map_err(|e| {
+            remove_part(part).map_err(|e| {
                 Attempt::Fatal(anyhow::Error::new(e).context(format!(
                     "removing {}, which is longer than {url}",
                     part.display()
@@ -272,6 +293,21 @@ fn attempt(
     let fatal = |e: io::Error, what: &str| {
         Attempt::Fatal(anyhow::Error::new(e).context(format!("{what} {}", part.display())))
     };
+    if start == 0 {
+        // A weak ETag cannot go in If-Range (RFC 9110 13.1.5); a date can.
+        let validator = header("etag")
+            .filter(|e| !e.starts_with("W/"))
+            .or_else(|| header("last-modified"));
+        let path = validator_path(part);
+        match validator {
+            Some(v) => {
+                std::fs::write(&path, v).map_err(|e| fatal(e, "writing the validator of"))?
+            }
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
     let mut f = OpenOptions::new()
         .create(true)
         .write(true)
@@ -361,11 +397,12 @@ pub fn download(
     let (h256, h512, size) = digests_of(&part)?;
     let got = finish(h256, h512, size);
     if let Err(why) = expected.check(&got) {
-        let _ = std::fs::remove_file(&part);
+        let _ = remove_part(&part);
         bail!("checksum mismatch for {url}: {why}; deleted the download");
     }
     std::fs::rename(&part, dest)
         .with_context(|| format!("renaming {} to {}", part.display(), dest.display()))?;
+    let _ = std::fs::remove_file(validator_path(&part));
     Ok(got)
 }
 
