@@ -124,11 +124,8 @@ pub fn run() -> ! {
         std::panic::catch_unwind(|| boot(&consoles, &kver))
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the init panicked while booting")))
     };
-    match outcome {
-        Ok(facts) => consoles.line(&format!("{READY_MARKER} {facts}")),
-        Err(e) => consoles.line(&format!("{ERROR_MARKER} {e:#}")),
-    }
-    // The hypervisor's "shut down" presses the ACPI power button.
+    // The hypervisor's "shut down" presses the ACPI power button. Watched before the
+    // ready line: a press right after it (the operator's, or a test's) must not be lost.
     let button = match PowerButton::open() {
         Ok(b) => Some(b),
         Err(e) => {
@@ -136,6 +133,10 @@ pub fn run() -> ! {
             None
         }
     };
+    match outcome {
+        Ok(facts) => consoles.line(&format!("{READY_MARKER} {facts}")),
+        Err(e) => consoles.line(&format!("{ERROR_MARKER} {e:#}")),
+    }
     supervise(&consoles, signals, button)
 }
 
