@@ -326,19 +326,17 @@ fn bad_arguments_fail_before_any_request() {
 }
 
 fn fetch_ipxe(server: &FileServer, dir: &Path) -> Output {
+    fetch_ipxe_from(&server.base, dir).output().unwrap()
+}
+
+/// `fetch ipxe` from `base` into `dir`, not yet run.
+fn fetch_ipxe_from(base: &str, dir: &Path) -> Command {
     let mut c = Command::new(bin());
     hermetic_env(&mut c);
-    c.args([
-        "fetch",
-        "ipxe",
-        "--force",
-        "--quiet",
-        "--base-url",
-        &server.base,
-    ])
-    .arg("--dir")
-    .arg(dir);
-    c.output().unwrap()
+    c.args(["fetch", "ipxe", "--force", "--quiet", "--base-url", base])
+        .arg("--dir")
+        .arg(dir);
+    c
 }
 
 /// A `.part` longer than the file (left by another, bigger download) gets 416 for its
@@ -472,22 +470,7 @@ fn resume_from_nginx(change: impl FnOnce(&Path)) -> (Vec<u8>, Vec<u8>, Vec<Strin
     std::fs::write(root.join("undionly.kpxe"), noise(23, 1000)).unwrap();
     let nginx = Nginx::start(tmp.path(), &root);
     let out = tmp.path().join("cache");
-    let run = |out: &Path| {
-        let mut c = Command::new(bin());
-        hermetic_env(&mut c);
-        c.args([
-            "fetch",
-            "ipxe",
-            "--force",
-            "--quiet",
-            "--base-url",
-            &nginx.1,
-        ])
-        .arg("--dir")
-        .arg(out);
-        c
-    };
-    let mut first = run(&out).spawn().unwrap();
+    let mut first = fetch_ipxe_from(&nginx.1, &out).spawn().unwrap();
     let part = out.join(".ipxe.efi.part");
     let t = std::time::Instant::now();
     while std::fs::metadata(&part).map_or(0, |m| m.len()) < 50_000 {
@@ -507,7 +490,7 @@ fn resume_from_nginx(change: impl FnOnce(&Path)) -> (Vec<u8>, Vec<u8>, Vec<Strin
         kept.len()
     );
     change(&root);
-    let o = run(&out).output().unwrap();
+    let o = fetch_ipxe_from(&nginx.1, &out).output().unwrap();
     assert!(o.status.success(), "{:?}", text(&o));
     assert_eq!(leftovers(&out).len(), 2, "{:?}", leftovers(&out));
     let log = std::fs::read_to_string(tmp.path().join("access.log")).unwrap();
