@@ -62,13 +62,13 @@ pub fn read_report(path: &std::path::Path) -> Result<Report> {
 
 fn check_image(path: &std::path::Path) -> Result<Report> {
     let file = File::open(path)?;
-    let table = gpt::read(&file).context("not a GPT disk")?;
+    let (header, table) = gpt::read_with_header(&file).context("not a GPT disk")?;
     // A copy cut short still has its partition table at the front; the disk ends with
     // the backup header, so the file must reach that far.
     // By seeking, not metadata: a block device (the image written to a USB stick) has
     // a metadata length of 0.
     let file_len = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))?;
-    let disk_len = gpt::read_header(&file)?
+    let disk_len = header
         .alternate_lba
         .saturating_add(1)
         .saturating_mul(gpt::DEFAULT_SECTOR_SIZE);

@@ -231,13 +231,9 @@ pub fn read(file: &File) -> Result<Table> {
     read_gpt(&mut &*file, DEFAULT_SECTOR_SIZE)
 }
 
-/// The primary GPT header of a disk image file, CRC-checked.
-pub fn read_header(file: &File) -> Result<GptHeader> {
-    use std::os::unix::fs::FileExt;
-    let mut sector = vec![0u8; DEFAULT_SECTOR_SIZE as usize];
-    file.read_exact_at(&mut sector, GPT_HEADER_LBA * DEFAULT_SECTOR_SIZE)
-        .context("reading the GPT header")?;
-    parse_header(&sector)
+/// [`read`], with the primary header it came from (where the backup header is, say).
+pub fn read_with_header(file: &File) -> Result<(GptHeader, Table)> {
+    read_header_and_table(&mut &*file, DEFAULT_SECTOR_SIZE)
 }
 
 /// The fields of a GPT header a reader needs.
@@ -357,6 +353,13 @@ pub fn parse_entries(header: &GptHeader, array: &[u8]) -> Result<Vec<Partition>>
 /// Read the primary GPT of a disk (or disk image) with the given logical sector size
 /// (CRC-checked; the backup copy is not consulted).
 pub fn read_gpt<R: Read + Seek>(disk: &mut R, sector_size: u64) -> Result<Table> {
+    read_header_and_table(disk, sector_size).map(|(_, table)| table)
+}
+
+fn read_header_and_table<R: Read + Seek>(
+    disk: &mut R,
+    sector_size: u64,
+) -> Result<(GptHeader, Table)> {
     let mut sector = vec![0u8; sector_size as usize];
     disk.seek(SeekFrom::Start(GPT_HEADER_LBA * sector_size))
         .context("seeking to the GPT header")?;
@@ -368,10 +371,11 @@ pub fn read_gpt<R: Read + Seek>(disk: &mut R, sector_size: u64) -> Result<Table>
         .context("seeking to the GPT entry array")?;
     disk.read_exact(&mut array)
         .context("reading the GPT entry array")?;
-    Ok(Table {
+    let table = Table {
         disk_guid: header.disk_guid,
         partitions: parse_entries(&header, &array)?,
-    })
+    };
+    Ok((header, table))
 }
 
 #[cfg(test)]
