@@ -257,19 +257,7 @@ impl Plan {
         ensure!(args.timeout > 0, "--timeout must be at least 1 second");
         if let Some(keep) = &args.keep {
             // Checked again when created; here so the mistake fails before any output.
-            let empty_dir = std::fs::read_dir(keep).map(|mut d| d.next().is_none());
-            match empty_dir {
-                Ok(true) => {}
-                Ok(false) => bail!(
-                    "--keep {} is not empty: give a new or empty directory",
-                    keep.display()
-                ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => bail!(
-                    "--keep {}: {e}: give a new or empty directory",
-                    keep.display()
-                ),
-            }
+            check_keep_dir(keep)?;
         }
         if let (true, Some(u)) = (args.no_client, args.until) {
             ensure!(
@@ -370,6 +358,23 @@ fn read_image(image: &Path) -> Result<ApplianceConfig> {
     Ok(report.config)
 }
 
+/// `--keep DIR` must be new (not there yet) or empty: the run's files must not mix with
+/// others.
+fn check_keep_dir(dir: &Path) -> Result<()> {
+    match std::fs::read_dir(dir).map(|mut d| d.next().is_none()) {
+        Ok(true) => Ok(()),
+        Ok(false) => bail!(
+            "--keep {} is not empty: give a new or empty directory",
+            dir.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => bail!(
+            "--keep {}: {e}: give a new or empty directory",
+            dir.display()
+        ),
+    }
+}
+
 /// Where the run's files live: a temporary directory, or `--keep DIR`.
 enum WorkDir {
     Temp(tempfile::TempDir),
@@ -387,13 +392,7 @@ impl WorkDir {
         };
         std::fs::create_dir_all(dir)
             .with_context(|| format!("--keep: creating {}", dir.display()))?;
-        let mut entries =
-            std::fs::read_dir(dir).with_context(|| format!("--keep: reading {}", dir.display()))?;
-        ensure!(
-            entries.next().is_none(),
-            "--keep {} is not empty: give a new or empty directory",
-            dir.display()
-        );
+        check_keep_dir(dir)?;
         Ok(WorkDir::Kept(dir.to_path_buf()))
     }
 
