@@ -222,7 +222,6 @@ impl TftpServer {
         let opts = req.negotiate(self.max_blksize);
         let job = Job {
             ip: self.ip,
-            src,
             key: key.clone(),
             rel,
             source,
@@ -285,8 +284,7 @@ impl Workers {
 
 struct Job {
     ip: Ipv4Addr,
-    src: SocketAddr,
-    /// This request in [`Running`].
+    /// This request in [`Running`]: the client's address and the request's bytes.
     key: (SocketAddr, Vec<u8>),
     rel: String,
     source: Source,
@@ -299,8 +297,9 @@ struct Job {
 impl Job {
     fn run(self) {
         let start = Instant::now();
+        let src = self.key.0;
         let result = bind_udp(self.ip, 0)
-            .and_then(|s| s.connect(self.src).map(|_| s).context("connecting"))
+            .and_then(|s| s.connect(src).map(|_| s).context("connecting"))
             .map_err(|e| transfer::Failure::Io(std::io::Error::other(format!("{e:#}"))))
             .and_then(|s| transfer::send(&s, &self.source, &self.opts));
         let mut ev = match &result {
@@ -312,7 +311,7 @@ impl Job {
             Err(e) => Event::new("tftp-failed").field("error", e.to_string()),
         };
         ev = ev
-            .ip(self.src.ip())
+            .ip(src.ip())
             .field("file", self.rel.clone())
             .field("ms", start.elapsed().as_millis() as u64)
             .field(
@@ -320,7 +319,7 @@ impl Job {
                 self.opts.blksize.unwrap_or(packet::DEFAULT_BLKSIZE),
             )
             .field("windowsize", self.opts.windowsize.unwrap_or(1));
-        if let Some(m) = self.events.mac_for(self.src.ip()) {
+        if let Some(m) = self.events.mac_for(src.ip()) {
             ev = ev.mac(m);
         }
         self.events.emit(ev);
