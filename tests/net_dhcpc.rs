@@ -48,6 +48,18 @@ fn start_uplink(app: &Netns, cfg: &ApplianceConfig) -> (UplinkHandle, mpsc::Rece
 }
 
 /// The next state that `want` accepts, failing on timeout with what was seen.
+/// Pull the uplink's cable: the server's end goes down, and the appliance's (up) end
+/// loses its carrier.
+fn unplug(app: &Netns, srv: &Netns) {
+    srv.ip("link set mkd-srv down");
+    wait_for(Duration::from_secs(5), || {
+        app.ip("link show mkd-up")
+            .contains("NO-CARRIER")
+            .then_some(())
+    })
+    .expect("the uplink still has a carrier with the other end down");
+}
+
 fn wait_state(
     rx: &mpsc::Receiver<UplinkState>,
     timeout: Duration,
@@ -323,13 +335,7 @@ fn a_cable_moved_to_another_network_gets_a_new_lease_at_once() {
     );
 
     // Unplug, and plug into a 203.0.113.0/24 network.
-    srv.ip("link set mkd-srv down");
-    wait_for(Duration::from_secs(5), || {
-        app.ip("link show mkd-up")
-            .contains("NO-CARRIER")
-            .then_some(())
-    })
-    .expect("the uplink never lost its carrier");
+    unplug(&app, &srv);
     std::thread::sleep(Duration::from_millis(500));
     srv.ip("addr flush dev mkd-srv");
     srv.ip("addr add 203.0.113.1/24 dev mkd-srv");
@@ -373,14 +379,8 @@ fn a_cable_plugged_in_after_a_long_wait_gets_a_lease_at_once() {
         ],
     );
     // Up at our end, no carrier: the cable is out.
-    srv.ip("link set mkd-srv down");
     app.ip("link set mkd-up up");
-    wait_for(Duration::from_secs(5), || {
-        app.ip("link show mkd-up")
-            .contains("NO-CARRIER")
-            .then_some(())
-    })
-    .expect("the uplink has a carrier with the other end down");
+    unplug(&app, &srv);
     let cfg = appliance_config(Some(PXE_MAC), Some(UP_MAC));
     let (handle, rx) = start_uplink(&app, &cfg);
     // DISCOVERs after 2, 4 and 8 s (each + up to 1 s): at 19 s the client is in its
