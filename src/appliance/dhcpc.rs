@@ -196,6 +196,16 @@ enum Kept {
     Lost(String),
 }
 
+impl Kept {
+    /// An ACK to a REQUEST sent at `sent`: the lease it grants, or why it is unusable.
+    fn from_ack(r: &Reply, src: Ipv4Addr, mac: [u8; 6], sent: Instant) -> Kept {
+        match Lease::from_ack(r, src, mac, sent) {
+            Ok(n) => Kept::Renewed(n),
+            Err(e) => Kept::Lost(format!("{e:#}")),
+        }
+    }
+}
+
 /// Start the client on its own thread. Fails only when its sockets cannot be opened.
 pub fn spawn(
     settings: Settings,
@@ -492,10 +502,7 @@ impl Client {
             })?;
             match reply {
                 Some((r, src, mac)) if r.kind == wire::ACK => {
-                    return Ok(Some(match Lease::from_ack(&r, src, mac, sent) {
-                        Ok(n) => Kept::Renewed(n),
-                        Err(e) => Kept::Lost(format!("{e:#}")),
-                    }));
+                    return Ok(Some(Kept::from_ack(&r, src, mac, sent)));
                 }
                 Some(_) => {
                     return Ok(Some(Kept::Lost(format!(
@@ -548,11 +555,7 @@ impl Client {
             r.kind == wire::ACK || r.kind == wire::NAK
         })?;
         Ok(match reply {
-            Some((r, src, mac)) if r.kind == wire::ACK => match Lease::from_ack(&r, src, mac, sent)
-            {
-                Ok(n) => Some(Kept::Renewed(n)),
-                Err(e) => Some(Kept::Lost(format!("{e:#}"))),
-            },
+            Some((r, src, mac)) if r.kind == wire::ACK => Some(Kept::from_ack(&r, src, mac, sent)),
             Some((r, _, _)) => Some(Kept::Lost(match r.text(wire::OPT_MESSAGE) {
                 Some(m) => format!("DHCP server refused to extend the lease ({m})"),
                 None => "DHCP server refused to extend the lease".into(),
