@@ -257,11 +257,9 @@ fn decrypt_to_a_full_stdout() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
+    let error = common::the_error_line(&stderr);
     assert!(
-        errors[0].contains("controlplane.yaml to stdout")
-            && errors[0].contains("No space left on device"),
+        error.contains("controlplane.yaml to stdout") && error.contains("No space left on device"),
         "{stderr}"
     );
 }
@@ -492,9 +490,8 @@ fn serve_leaves_the_interface_as_it_found_it() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{stderr}");
     assert!(stderr.contains("address-added"), "{stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(errors[0].contains("10.10.10.2:80"), "{stderr}");
+    let error = common::the_error_line(&stderr);
+    assert!(error.contains("10.10.10.2:80"), "{stderr}");
     let left = ns.addresses();
     assert!(!left.contains("10.10.10.2"), "a failed serve left {left}");
     drop(holder);

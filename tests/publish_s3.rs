@@ -122,13 +122,7 @@ fn a_failing_part_aborts_the_multipart_upload() {
                 "{err}"
             );
         }
-        assert_eq!(
-            err.trim()
-                .lines()
-                .filter(|l| l.starts_with("error:"))
-                .count(),
-            1
-        );
+        common::the_error_line(&err);
         // One try and one retry reached the proxy's fault.
         assert_eq!(proxy.injected.load(std::sync::atomic::Ordering::SeqCst), 2);
         // Nothing half-written stays: no open multipart upload, no object.
@@ -537,9 +531,7 @@ fn a_failing_file_says_what_the_bucket_already_holds() {
     let (out, err) = text(&o);
     assert!(!o.status.success(), "{out}\n{err}");
     assert_eq!(proxy.injected.load(std::sync::atomic::Ordering::SeqCst), 2);
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "{err}");
-    let line = errors[0];
+    let line = common::the_error_line(&err);
     let prefix = "s3://appliances/bootstrap/2025-12-17/";
     // The failing file, its bucket and key, and why.
     assert!(
@@ -614,11 +606,10 @@ fn a_file_that_changes_during_the_upload_fails() {
         !o.status.success(),
         "a changed file was reported as uploaded:\n{out}\n{err}"
     );
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "{err}");
+    let error = common::the_error_line(&err);
     assert!(
-        errors[0].contains("changed while it was being uploaded")
-            && errors[0].contains("s3://appliances/bootstrap/2025-12-17/bootstrap-pxe.raw"),
+        error.contains("changed while it was being uploaded")
+            && error.contains("s3://appliances/bootstrap/2025-12-17/bootstrap-pxe.raw"),
         "{err}"
     );
 }

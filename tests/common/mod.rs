@@ -168,6 +168,14 @@ pub fn sample_config() -> ApplianceConfig {
 
 /// Deterministic pseudo-random bytes (xorshift64), incompressible: a fair payload, and the
 /// same on every run so a failure can be reproduced.
+/// The one `error:` line of a failed run's stderr (other lines, progress or events, may
+/// be there too); fails the test when there is not exactly one.
+pub fn the_error_line(stderr: &str) -> &str {
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line:\n{stderr}");
+    errors[0]
+}
+
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut v = Vec::with_capacity(len + 8);
